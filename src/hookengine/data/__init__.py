@@ -1,0 +1,1 @@
+"""Datasets with hooks on every level, and aspect-ratio bucketing."""

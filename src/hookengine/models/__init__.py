@@ -1,0 +1,1 @@
+"""Model loading (``loader``) and juggling under a memory budget (``cache``)."""

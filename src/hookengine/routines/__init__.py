@@ -1,0 +1,1 @@
+"""Training routines: each a plugin attaching ``compute_loss`` / ``train_step``."""

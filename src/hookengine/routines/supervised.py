@@ -1,0 +1,83 @@
+"""The supervised routine: one model, one loss, batches of (inputs, targets)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..plugins import resolve
+
+__all__ = ["Supervised"]
+
+
+class Supervised:
+    """Train ``model`` on ``loss(model(inputs), targets)``.
+
+    Args:
+        model: ``module:attr`` of an ``nn.Module`` class or factory.
+        model_options: keyword arguments for it.
+        model_name: the name under which the model is registered in ``state.models``.
+        loss: a ``torch.nn.functional`` name (``cross_entropy``, ``mse_loss``...) or ``module:attr``.
+        inputs, targets: keys (dict batches) or positions (tuple batches) of the two parts.
+        accuracy: also report ``val_accuracy`` (classification) in evaluation.
+    """
+
+    name = "supervised"
+
+    def __init__(
+        self,
+        model: str,
+        model_options: dict[str, Any] | None = None,
+        model_name: str = "model",
+        loss: str = "cross_entropy",
+        inputs: str | int = 0,
+        targets: str | int = 1,
+        accuracy: bool = False,
+    ) -> None:
+        self.model_ref = model
+        self.model_options = model_options or {}
+        self.model_name = model_name
+        self.loss_ref = loss
+        self.inputs, self.targets = inputs, targets
+        self.accuracy = accuracy
+
+    def setup(self, engine: Any) -> None:
+        self.engine = engine
+        engine.on("setup", self._build)
+        engine.attach("compute_loss", self._compute_loss)
+        engine.attach("eval_step", self._eval_step)
+
+    def _build(self, state: Any) -> None:
+        import torch
+
+        factory = resolve(self.model_ref)
+        if not callable(factory):
+            raise TypeError(f"model {self.model_ref!r} is not a class or factory")
+        state.models[self.model_name] = factory(**self.model_options)
+        if ":" in self.loss_ref:
+            self.loss_fn = resolve(self.loss_ref)
+        else:
+            self.loss_fn = getattr(torch.nn.functional, self.loss_ref, None)
+            if self.loss_fn is None:
+                from ..plugins import closest
+
+                names = [n for n in dir(torch.nn.functional) if n.endswith("loss") or "entropy" in n]
+                raise ValueError(f"plugins.{self.engine.hooks.current_plugin or self.name}.loss: unknown loss {self.loss_ref!r}{closest(self.loss_ref, names)}")
+        self.device = self.engine.runtime.device
+
+    def _split(self, batch: Any) -> tuple[Any, Any]:
+        x, y = batch[self.inputs], batch[self.targets]
+        if self.device.type != "cpu":
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        return x, y
+
+    def _compute_loss(self, next_impl: Any, batch: Any) -> Any:
+        x, y = self._split(batch)
+        return self.loss_fn(self.engine.state.models[self.model_name](x), y)
+
+    def _eval_step(self, next_impl: Any, batch: Any) -> dict[str, float]:
+        x, y = self._split(batch)
+        output = self.engine.state.models[self.model_name](x)
+        metrics = {"val_loss": float(self.loss_fn(output, y))}
+        if self.accuracy:
+            metrics["val_accuracy"] = float((output.argmax(-1) == y).float().mean())
+        return metrics

@@ -1,0 +1,132 @@
+"""The runtime: accelerate's ``Accelerator``, created once and used only where it works.
+
+accelerate does devices, mixed precision, DDP, FSDP and DeepSpeed. Its wrappers also cost
+about 200 µs per step on a small model (NOTES.md), so the optimizer is wrapped and
+``accelerator.backward`` is used only when they do something (a gradient scaler,
+DeepSpeed, FSDP); plain single-device fp32/bf16 training calls torch directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+__all__ = ["Runtime"]
+
+
+class Runtime:
+    """Devices, processes, precision and seeding for one engine.
+
+    Args:
+        seed: seeds Python, NumPy and torch on every process (accelerate's ``set_seed``).
+        mixed_precision: ``"no"``, ``"fp16"``, ``"bf16"`` (as accelerate).
+        cpu: force the CPU even when a GPU is there.
+        accelerator_options: more keyword arguments for ``accelerate.Accelerator``.
+    """
+
+    def __init__(
+        self,
+        seed: int | None = 0,
+        mixed_precision: str = "no",
+        cpu: bool = False,
+        **accelerator_options: Any,
+    ) -> None:
+        self.seed = seed
+        self.mixed_precision = mixed_precision
+        self.cpu = cpu
+        self.accelerator_options = accelerator_options
+        self._accelerator: Any = None
+
+    @property
+    def accelerator(self) -> Any:
+        """The one ``Accelerator`` of this engine (created on first use)."""
+        if self._accelerator is None:
+            from accelerate import Accelerator
+            from accelerate.utils import set_seed
+
+            self._accelerator = Accelerator(
+                mixed_precision=self.mixed_precision, cpu=self.cpu, **self.accelerator_options
+            )
+            if self.seed is not None:
+                set_seed(self.seed)
+        return self._accelerator
+
+    @property
+    def started(self) -> bool:
+        return self._accelerator is not None
+
+    @property
+    def device(self) -> Any:
+        return self.accelerator.device
+
+    @property
+    def num_processes(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def process_index(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def distributed(self) -> bool:
+        return self.num_processes > 1
+
+    @property
+    def wraps_optimizer(self) -> bool:
+        """Whether optimizers and backward must go through accelerate."""
+        from accelerate.utils import DistributedType
+
+        acc = self.accelerator
+        return (
+            getattr(acc, "scaler", None) is not None
+            or acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+        )
+
+    def prepare_model(self, model: Any) -> Any:
+        """Move ``model`` to the device and wrap it for DDP/FSDP when distributed."""
+        acc = self.accelerator
+        if self.distributed or self.wraps_optimizer:
+            return acc.prepare_model(model)
+        return model.to(acc.device)
+
+    def prepare_optimizer(self, optimizer: Any) -> Any:
+        if self.wraps_optimizer:
+            return self.accelerator.prepare_optimizer(optimizer)
+        return optimizer
+
+    def backward(self, loss: Any) -> None:
+        if self.wraps_optimizer:
+            self.accelerator.backward(loss)
+        else:
+            loss.backward()
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.mixed_precision == "no":
+            return contextlib.nullcontext()
+        return self.accelerator.autocast()
+
+    @contextlib.contextmanager
+    def no_sync(self, models: list[Any]) -> Iterator[None]:
+        """Skip DDP's gradient all-reduce (for micro-steps inside an accumulation)."""
+        with contextlib.ExitStack() as stack:
+            for model in models:
+                if hasattr(model, "no_sync"):
+                    stack.enter_context(model.no_sync())
+            yield
+
+    def unwrap(self, model: Any) -> Any:
+        return self.accelerator.unwrap_model(model) if self.started else model
+
+    def wait_for_everyone(self) -> None:
+        if self.started and self.distributed:
+            self.accelerator.wait_for_everyone()
+
+    def end(self) -> None:
+        """Synchronise then end (a barrier first avoids gloo's exit-time crash)."""
+        if self._accelerator is not None:
+            self.wait_for_everyone()
+            self._accelerator.end_training()

@@ -1,0 +1,1 @@
+"""Schedulers: learning rates, optimizer groups, layers, models, routines, LoRA."""

@@ -1,0 +1,150 @@
+"""State: one object for the progress clock, named objects, metrics and loop control.
+
+Torch is not imported here; tensors and modules are only touched through their own
+``state_dict`` methods, so ``import hookengine`` stays light.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+__all__ = ["Clock", "Control", "State", "capture_rng", "restore_rng"]
+
+
+@dataclass
+class Clock:
+    """The one progress clock that every schedule and filter reads.
+
+    ``step`` counts optimizer steps over the whole run; ``micro_step`` counts batches
+    (forward/backward passes); ``phase_step`` counts optimizer steps inside the
+    current phase; ``batch_in_epoch`` is the data position used to resume mid-epoch.
+    """
+
+    step: int = 0
+    micro_step: int = 0
+    samples: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    phase: str = ""
+    phase_index: int = 0
+    phase_step: int = 0
+    phase_epoch: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            if not hasattr(self, key):
+                raise KeyError(f"clock state has unknown key {key!r}")
+            setattr(self, key, value)
+
+
+@dataclass
+class Control:
+    """Requests a listener can make to steer the loop (hooks are two-way)."""
+
+    stop_requested: str | None = None
+    skip_requested: bool = False
+    checkpoint_requested: bool = False
+    evaluate_requested: bool = False
+
+    def stop(self, reason: str = "stopped by a hook") -> None:
+        """End the run after the current step (a checkpoint is still written)."""
+        self.stop_requested = reason
+
+    def skip_step(self) -> None:
+        """Skip the current batch: no forward, backward or optimizer step."""
+        self.skip_requested = True
+
+    def checkpoint_now(self) -> None:
+        """Write a checkpoint at the end of this step."""
+        self.checkpoint_requested = True
+
+    def evaluate_now(self) -> None:
+        """Run the ``evaluate`` slot at the end of this step."""
+        self.evaluate_requested = True
+
+
+@dataclass
+class State:
+    """Everything a run has: clock, named models/optimizers/loaders, metrics, control.
+
+    ``state_dict``/``load_state_dict`` cover clock, metrics, models, optimizers and RNG;
+    the engine adds plugin states on top.
+    """
+
+    clock: Clock = field(default_factory=Clock)
+    control: Control = field(default_factory=Control)
+    models: dict[str, Any] = field(default_factory=dict)
+    optimizers: dict[str, Any] = field(default_factory=dict)
+    dataloaders: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    run_dir: str | None = None
+    is_main_process: bool = True
+    # Set by the engine to the runtime's unwrap, so checkpoints hold plain module weights.
+    unwrap: Callable[[Any], Any] = field(default=lambda model: model, repr=False)
+
+    def metric(self, name: str) -> float:
+        """A metric as a Python float (tensors are converted only when asked for)."""
+        value = self.metrics[name]
+        return float(value.item() if hasattr(value, "item") else value)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "clock": self.clock.state_dict(),
+            "metrics": {k: _plain(v) for k, v in self.metrics.items()},
+            "models": {name: self.unwrap(m).state_dict() for name, m in self.models.items()},
+            "optimizers": {name: o.state_dict() for name, o in self.optimizers.items()},
+            "rng": capture_rng(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.clock.load_state_dict(state["clock"])
+        self.metrics.update(state.get("metrics", {}))
+        for kind, objects in (("models", self.models), ("optimizers", self.optimizers)):
+            saved = state.get(kind, {})
+            missing = sorted(set(objects) - set(saved))
+            if missing:
+                raise KeyError(f"checkpoint has no {kind} named {missing}; it has {sorted(saved)}")
+            for name, obj in objects.items():
+                target = self.unwrap(obj) if kind == "models" else obj
+                target.load_state_dict(saved[name])
+        if "rng" in state:
+            restore_rng(state["rng"])
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item") and getattr(value, "numel", lambda: 1)() == 1:
+        return value.item()
+    return value
+
+
+def capture_rng() -> dict[str, Any]:
+    """RNG states of Python, NumPy, torch and every CUDA device."""
+    import numpy as np
+    import torch
+
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np.random.set_state(tuple(state["numpy"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
