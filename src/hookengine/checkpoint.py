@@ -199,10 +199,11 @@ class Checkpointing:
 
     def setup(self, engine: Any) -> None:
         self.engine = engine
-        engine.attach("save_checkpoint", self._save)
-        engine.attach("load_checkpoint", self._load)
+        engine.attach("save_checkpoint", self._save, priority=-1000)  # base implementation
+        engine.attach("load_checkpoint", self._load, priority=-1000)
         engine.on("resume", self._resume)
-        engine.on("step_end", self._maybe_save)
+        if self.every:
+            engine.on("step_end", self._request, every=self.every)
         engine.on("run_end", self._final)
 
     @property
@@ -248,11 +249,9 @@ class Checkpointing:
             return
         self.engine.call("load_checkpoint", self.resume)
 
-    def _maybe_save(self, state: Any) -> None:
-        control = state.control
-        if control.checkpoint_requested or (self.every and state.clock.step % self.every == 0):
-            control.checkpoint_requested = False
-            self.engine.call("save_checkpoint")
+    def _request(self, state: Any) -> None:
+        # The loop serves the request after all step_end listeners (one save path).
+        state.control.checkpoint_now()
 
     def _final(self, state: Any) -> None:
         if self.save_at_end and (self.last_saved is None or not self.last_saved.name.endswith(f"{state.clock.step:08d}")):

@@ -13,7 +13,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["TrainingLoop", "Phase", "NonFiniteLossError"]
+__all__ = ["TrainingLoop", "Phase", "NonFiniteLossError", "BASE_PRIORITY"]
+
+# Priority of the built-in base implementations of slots (innermost in every chain).
+BASE_PRIORITY = -1000
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -100,15 +103,20 @@ class TrainingLoop:
     # ----------------------------------------------------------------- setup
     def setup(self, engine: Any) -> None:
         self.engine = engine
-        engine.attach("run", self._run)
-        engine.attach("train_step", self._train_step)
-        engine.attach("backward", self._backward)
-        engine.attach("optimizer_step", self._optimizer_step)
-        engine.attach("build_optimizer", self._build_optimizer)
-        engine.attach("epoch_batches", self._epoch_batches)
-        engine.attach("evaluate", self._evaluate)
-        engine.attach("eval_step", self._eval_step)
-        engine.attach("rewrap_models", self._rewrap_models)
+        # Base implementations sit innermost (low priority), so any plugin's
+        # implementation wraps them whether it was attached before or after.
+        for point, impl in (
+            ("run", self._run),
+            ("train_step", self._train_step),
+            ("backward", self._backward),
+            ("optimizer_step", self._optimizer_step),
+            ("build_optimizer", self._build_optimizer),
+            ("epoch_batches", self._epoch_batches),
+            ("evaluate", self._evaluate),
+            ("eval_step", self._eval_step),
+            ("rewrap_models", self._rewrap_models),
+        ):
+            engine.attach(point, impl, priority=BASE_PRIORITY)
 
     def state_dict(self) -> dict[str, Any]:
         return {"skipped_nonfinite": self.skipped_nonfinite}
@@ -264,9 +272,13 @@ class TrainingLoop:
         engine.fire("batch_end", loss=loss)
         if clock.step != step_before:
             engine.fire("step_end", loss=loss)
+            # Requests are served after every step_end listener has had its say.
             if control.evaluate_requested or (self.eval_every and clock.step % self.eval_every == 0):
                 control.evaluate_requested = False
                 self._run_evaluation()
+            if control.checkpoint_requested:
+                control.checkpoint_requested = False
+                engine.call("save_checkpoint")
 
     # ------------------------------------------------------------ the step
     def _train_step(self, next_impl: Any, batch: Any) -> Any:
@@ -289,7 +301,8 @@ class TrainingLoop:
             engine.call("optimizer_step")
             clock.step += 1
             clock.phase_step += 1
-        state.metrics["loss"] = loss.detach()
+        loss = loss.detach()  # listeners get the value, not the graph
+        state.metrics["loss"] = loss
         return loss
 
     def _nonfinite(self, loss: Any, batch: Any) -> Any:

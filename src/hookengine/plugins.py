@@ -109,11 +109,8 @@ def validate_options(plugin: Any, options: dict[str, Any], where: str) -> dict[s
         signature = inspect.signature(target)
     except (TypeError, ValueError):
         return options
-    params = [
-        p
-        for p in list(signature.parameters.values())
-        if p.name not in ("self", "engine") and p.kind not in (p.VAR_POSITIONAL,)
-    ]
+    # The first positional parameter is ``self`` (a class's __init__) or the engine.
+    params = [p for p in list(signature.parameters.values())[1:] if p.kind is not p.VAR_POSITIONAL]
     accepts_any = any(p.kind is p.VAR_KEYWORD for p in params)
     named = {p.name: p for p in params if p.kind is not p.VAR_KEYWORD}
     for key in options:

@@ -60,6 +60,7 @@ class DigitsData:
         engine.on("setup", self._register, priority=10)  # data first: others may size by it
 
     def _register(self, state: Any) -> None:
+        import torch
         from torch.utils.data import DataLoader, TensorDataset
 
         from ..data.shuffle import EpochBatchSampler
@@ -69,5 +70,10 @@ class DigitsData:
         shards = dict(num_replicas=runtime.num_processes, rank=runtime.process_index)
         train = EpochBatchSampler(len(tx), self.batch_size, seed=self.seed, drop_last=True, **shards)
         val = EpochBatchSampler(len(vx), 256, shuffle=False, **shards)
-        state.dataloaders["train"] = DataLoader(TensorDataset(tx, ty), batch_sampler=train, num_workers=self.num_workers)
+        # A private generator: creating a loader iterator then draws nothing from the global
+        # RNG, so a run resumed mid-epoch sees the same dropout masks as an uninterrupted one.
+        generator = torch.Generator().manual_seed(self.seed)
+        state.dataloaders["train"] = DataLoader(
+            TensorDataset(tx, ty), batch_sampler=train, num_workers=self.num_workers, generator=generator
+        )
         state.dataloaders["val"] = DataLoader(TensorDataset(vx, vy), batch_sampler=val, num_workers=self.num_workers)
