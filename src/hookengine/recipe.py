@@ -8,6 +8,7 @@ the closest valid one.
 from __future__ import annotations
 
 import copy
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
@@ -21,6 +22,21 @@ from .plugins import PluginError, closest, resolve, validate_options
 __all__ = ["RecipeError", "load_recipe", "apply_recipe", "parse_override", "DEMO"]
 
 DEMO = "demo"
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-4`` as a string; recipes mean a number (as YAML 1.2 does)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*)?(?:\.\d*)?[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 class RecipeError(ValueError):
@@ -64,7 +80,7 @@ def _read(source: Any) -> dict[str, Any]:
             raise RecipeError(f"recipe file {path} does not exist")
         text, origin = path.read_text(), str(path)
     try:
-        data = yaml.safe_load(text)
+        data = _yaml(text)
     except yaml.YAMLError as exc:
         raise RecipeError(f"{origin} is not valid YAML: {exc}") from None
     if data is None:
@@ -80,7 +96,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key.strip():
         raise RecipeError(f"--set {text!r}: expected KEY=VALUE, e.g. trainer.lr=1e-4")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
+        parsed = _yaml(value) if value.strip() else ""
     except yaml.YAMLError as exc:
         raise RecipeError(f"--set {text!r}: value is not valid YAML ({exc})") from None
     return key.strip().split("."), parsed
