@@ -132,11 +132,6 @@ def _adapt_listener(fn: Callable[..., Any]) -> Callable[..., Any]:
     return lambda state, **payload: fn(state, **{k: v for k, v in payload.items() if k in names})
 
 
-def _unit_value(state: Any, unit: str) -> int:
-    clock = state.clock
-    return clock.epoch if unit == "epoch" else clock.step
-
-
 def _apply_filters(fn: Callable[..., Any], filters: dict[str, Any], unit: str) -> Callable[..., Any]:
     """Wrap ``fn`` in the filters it asked for; listeners without filters stay unwrapped.
 
@@ -152,8 +147,10 @@ def _apply_filters(fn: Callable[..., Any], filters: dict[str, Any], unit: str) -
         return fn
     fired = [False]
 
+    by_epoch = unit == "epoch"
+
     def filtered(state: Any, **payload: Any) -> Any:
-        t = _unit_value(state, unit)
+        t = state.clock.epoch if by_epoch else state.clock.step
         if start is not None and t < start:
             return None
         if stop is not None and t >= stop:
@@ -248,8 +245,12 @@ class Registry:
         if listeners:
             state = self.state
             try:
-                for fn in listeners:
-                    fn(state, **payload)
+                if payload:
+                    for fn in listeners:
+                        fn(state, **payload)
+                else:  # no payload: skip building a keyword dict per listener
+                    for fn in listeners:
+                        fn(state)
             except Exception as exc:
                 # Zero cost until something raises: then name the listener and plugin.
                 self._annotate(exc, point, fn)

@@ -285,8 +285,11 @@ class TrainingLoop:
         engine, state = self.engine, self.engine.state
         clock, runtime = state.clock, engine.runtime
         boundary = (clock.micro_step + 1) % self.accumulation == 0
-        with runtime.autocast():
+        if runtime.mixed_precision == "no":
             loss = engine.call("compute_loss", batch)
+        else:
+            with runtime.autocast():
+                loss = engine.call("compute_loss", batch)
         if self.nonfinite != "ignore" and not math.isfinite(loss.item()):
             return self._nonfinite(loss, batch)
         scaled = loss / self.accumulation if self.accumulation > 1 else loss

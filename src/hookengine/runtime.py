@@ -13,6 +13,8 @@ from typing import Any, Iterator
 
 __all__ = ["Runtime"]
 
+_FLAGS = ("num_processes", "process_index", "is_main_process", "distributed", "wraps_optimizer")
+
 
 class Runtime:
     """Devices, processes, precision and seeding for one engine.
@@ -49,7 +51,22 @@ class Runtime:
             )
             if self.seed is not None:
                 set_seed(self.seed)
+            self._cache_flags()
         return self._accelerator
+
+    def _cache_flags(self) -> None:
+        # Read once: the hot path asks every step, and accelerate's properties are not free.
+        from accelerate.utils import DistributedType
+
+        acc = self._accelerator
+        self.num_processes = acc.num_processes
+        self.process_index = acc.process_index
+        self.is_main_process = acc.is_main_process
+        self.distributed = self.num_processes > 1
+        self.wraps_optimizer = (
+            getattr(acc, "scaler", None) is not None
+            or acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+        )
 
     @property
     def started(self) -> bool:
@@ -59,32 +76,13 @@ class Runtime:
     def device(self) -> Any:
         return self.accelerator.device
 
-    @property
-    def num_processes(self) -> int:
-        return self.accelerator.num_processes
-
-    @property
-    def process_index(self) -> int:
-        return self.accelerator.process_index
-
-    @property
-    def is_main_process(self) -> bool:
-        return self.accelerator.is_main_process
-
-    @property
-    def distributed(self) -> bool:
-        return self.num_processes > 1
-
-    @property
-    def wraps_optimizer(self) -> bool:
-        """Whether optimizers and backward must go through accelerate."""
-        from accelerate.utils import DistributedType
-
-        acc = self.accelerator
-        return (
-            getattr(acc, "scaler", None) is not None
-            or acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
-        )
+    def __getattr__(self, name: str) -> Any:
+        # num_processes, process_index, is_main_process, distributed, wraps_optimizer:
+        # plain attributes once the accelerator exists; asking for one starts it.
+        if name in _FLAGS and self.__dict__.get("_accelerator") is None:
+            self.accelerator  # noqa: B018 - creates it and caches the flags
+            return self.__dict__[name]
+        raise AttributeError(name)
 
     def prepare_model(self, model: Any) -> Any:
         """Move ``model`` to the device and wrap it for DDP/FSDP when distributed."""

@@ -1,0 +1,629 @@
+"""The ``dataset`` plugin: ``datasets.load_dataset`` with hooks on every level.
+
+Slots (each a default implementation that a user wraps or replaces with
+``engine.attach(name, fn)``):
+
+=====================  ==============================================================
+``load_dataset``       ``(spec) -> Dataset | IterableDataset | DatasetDict``
+``decode_sample``      ``(sample) -> sample``: open and validate the image, check the caption
+``transform_sample``   ``(sample) -> sample``: per-sample work; the default makes a tensor
+``collate``            ``(samples) -> batch``
+``transform_batch``    ``(batch) -> batch``
+``batch_sampler``      ``(dataset, split) -> sampler``: the default shuffles per epoch
+``reshuffle``          the per-epoch plan (same arguments as :func:`~.sampler.plan_epoch`)
+``stream_bucket``      ``(sample) -> key``: groups a stream into batches (default: one group)
+``make_dataloader``    ``(dataset, split) -> loader``
+=====================  ==============================================================
+
+The loaders are built at the ``setup`` event (so plugins used after this one, such as
+``bucketing``, have attached their hooks) and registered in ``state.dataloaders``. They
+are never passed through ``accelerator.prepare``: samplers shard by rank themselves.
+
+A bad sample (corrupt, truncated, zero-sized image, missing caption...) is skipped or
+raises, by ``bad_samples``. Skipped samples are counted in ``state.metrics``
+(``data/skipped``), named in :attr:`DatasetPlugin.skipped`, logged, and appended to
+``skipped_samples.jsonl`` in the run folder; training goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Literal
+
+import numpy as np
+
+from .images import BadSampleError, describe_source, open_image, to_tensor
+
+__all__ = ["DatasetPlugin", "Skipped", "MapDataset", "StreamBatches", "default_collate"]
+
+logger = logging.getLogger(__name__)
+
+SLOTS = (
+    "load_dataset",
+    "decode_sample",
+    "transform_sample",
+    "collate",
+    "transform_batch",
+    "batch_sampler",
+    "reshuffle",
+    "stream_bucket",
+    "make_dataloader",
+)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """Marker returned for a bad sample under ``bad_samples="skip"``."""
+
+    index: int
+    name: str
+    reason: str
+
+
+# ------------------------------------------------------------------ sample plumbing
+def _key(item: Any) -> tuple[int, int | None]:
+    """Sampler items are an index or an ``(index, epoch)`` pair (epoch reaches workers)."""
+    if isinstance(item, (tuple, list)):
+        return int(item[0]), int(item[1])
+    return int(item), None
+
+
+class _Pipeline:
+    """The per-sample and per-batch hooks, callable inside DataLoader workers."""
+
+    def __init__(self, call: Callable[..., Any], bad_samples: str, split: str = "train", stream: bool = False) -> None:
+        self.call = call
+        self.bad_samples = bad_samples
+        self.split, self.stream = split, stream
+
+    def sample(self, raw: dict[str, Any], index: int, epoch: int | None) -> Any:
+        sample = dict(raw)
+        sample["__index__"] = index
+        sample["__split__"] = self.split
+        if self.stream:
+            sample["__stream__"] = True
+        if epoch is not None:
+            sample["__epoch__"] = epoch
+        try:
+            sample = self.call("decode_sample", sample)
+            return self.call("transform_sample", sample)
+        except BadSampleError as exc:
+            if self.bad_samples == "raise":
+                raise BadSampleError(
+                    exc.name, exc.reason, f"sample {index}; set dataset.bad_samples=skip to skip such samples"
+                ) from exc
+            return Skipped(index, exc.name, exc.reason)
+
+    def batch(self, samples: list[Any]) -> Any:
+        skipped = [s for s in samples if isinstance(s, Skipped)]
+        good = [s for s in samples if not isinstance(s, Skipped)]
+        batch = self.call("transform_batch", self.call("collate", good)) if good else {}
+        if isinstance(batch, dict):
+            batch["skipped"] = [(s.index, s.name, s.reason) for s in skipped]
+        return batch
+
+
+class MapDataset:
+    """A map-style torch data set over a Hugging Face ``Dataset`` with the sample hooks."""
+
+    def __init__(self, data: Any, pipeline: _Pipeline) -> None:
+        self.data = data
+        self.pipeline = pipeline
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, item: Any) -> Any:
+        index, epoch = _key(item)
+        return self.pipeline.sample(self.data[index], index, epoch)
+
+
+def _torch_iterable_base() -> type:
+    import torch.utils.data
+
+    return torch.utils.data.IterableDataset
+
+
+class StreamBatches:
+    """Batches from an iterable (streaming) data set, grouped by ``key_fn``.
+
+    Every rank (and every DataLoader worker) reads the same stream in the same order,
+    groups samples by key without decoding them, and emits a *global* batch of
+    ``batch_size * num_replicas`` samples when a group fills. Global batch ``j`` goes to
+    worker ``j % num_workers``; each rank decodes only its own slice. So ranks draw from
+    the same group at each step, get disjoint samples and the same number of steps, and
+    a resume skips ``start`` global batches without decoding anything.
+    ``remainder``: ``drop`` or ``pad`` (repeat from the group) for groups left unfilled
+    at the end of the stream; ``carry`` acts as ``drop`` on streams (logged).
+    """
+
+    def __init__(
+        self,
+        data: Any,
+        pipeline: _Pipeline,
+        batch_size: int,
+        *,
+        key_fn: Callable[[dict[str, Any]], Any] | None = None,
+        num_replicas: int = 1,
+        rank: int = 0,
+        remainder: str = "drop",
+        seed: int = 0,
+        shuffle_buffer: int = 0,
+    ) -> None:
+        self.data, self.pipeline = data, pipeline
+        self.batch_size, self.num_replicas, self.rank = batch_size, num_replicas, rank
+        self.key_fn = key_fn or (lambda sample: 0)
+        self.remainder, self.seed, self.shuffle_buffer = remainder, seed, shuffle_buffer
+        self.epoch = 0
+        self.start = 0
+        self.pending_skips: list[tuple[int, str, str]] = []
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def set_start(self, batch_index: int) -> None:
+        self.start = int(batch_index)
+
+    def _stream(self) -> Any:
+        data = self.data
+        if self.shuffle_buffer:
+            data = data.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
+            data.set_epoch(self.epoch)
+        return data
+
+    def global_batches(self) -> Iterator[tuple[Any, list[tuple[int, dict[str, Any]]]]]:
+        """``(key, [(stream_position, raw_sample), ...])`` for every global batch, in order."""
+        group = self.batch_size * self.num_replicas
+        groups: dict[Any, list[tuple[int, dict[str, Any]]]] = {}
+        for position, raw in enumerate(self._stream()):
+            try:
+                key = self.key_fn({**raw, "__index__": position, "__epoch__": self.epoch})
+            except BadSampleError as exc:  # unreadable header: reported with the next batch
+                if self.pipeline.bad_samples == "raise":
+                    raise
+                self.pending_skips.append((position, exc.name, exc.reason))
+                continue
+            members = groups.setdefault(key, [])
+            members.append((position, raw))
+            if len(members) == group:
+                del groups[key]
+                yield key, members
+        for key, members in groups.items():
+            if self.remainder == "pad":
+                yield key, [members[i % len(members)] for i in range(group)]
+            elif members:
+                logger.info("stream: %d samples of group %s do not fill a batch: left out", len(members), key)
+
+    def __iter__(self) -> Iterator[Any]:
+        import torch.utils.data
+
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        start, self.start = self.start, 0
+        lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
+        for j, (_, members) in enumerate(self.global_batches()):
+            if j < start or j % workers != worker:
+                continue
+            mine = members[lo:hi]
+            batch = self.pipeline.batch([self.pipeline.sample(raw, pos, self.epoch) for pos, raw in mine])
+            if self.pending_skips and isinstance(batch, dict):
+                batch["skipped"] = batch.get("skipped", []) + self.pending_skips
+                self.pending_skips = []
+            yield batch
+
+
+def _as_torch_iterable(obj: StreamBatches) -> Any:
+    """Make a :class:`StreamBatches` a torch ``IterableDataset`` (torch imported lazily)."""
+    base = _torch_iterable_base()
+    cls = type("TorchStreamBatches", (StreamBatches, base), {})
+    obj.__class__ = cls
+    return obj
+
+
+# --------------------------------------------------------------------------- collate
+def default_collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack what stacks (same-shaped tensors, numbers); keep lists of the rest.
+
+    ``__index__`` becomes ``index``; other ``__private__`` keys are dropped.
+    """
+    import torch
+
+    batch: dict[str, Any] = {}
+    if not samples:
+        return batch
+    for key in samples[0]:
+        values = [s.get(key) for s in samples]
+        name = "index" if key == "__index__" else key
+        if key.startswith("__") and key != "__index__":
+            continue
+        batch[name] = _stack(values, torch)
+    return batch
+
+
+def _stack(values: list[Any], torch: Any) -> Any:
+    first = values[0]
+    if isinstance(first, torch.Tensor) and all(
+        isinstance(v, torch.Tensor) and v.shape == first.shape for v in values
+    ):
+        return torch.stack(values)
+    if isinstance(first, (bool, int, float, np.integer, np.floating)) and all(
+        isinstance(v, (bool, int, float, np.integer, np.floating)) for v in values
+    ):
+        return torch.tensor(values)
+    if isinstance(first, (tuple, list)) and first and all(
+        isinstance(v, (tuple, list)) and len(v) == len(first) and all(isinstance(x, (int, float)) for x in v)
+        for v in values
+    ):
+        return torch.tensor(values)
+    return values
+
+
+# ---------------------------------------------------------------------------- plugin
+class DatasetPlugin:
+    """Data sets through ``datasets.load_dataset``, with hooks on every level.
+
+    Args:
+        path: what ``load_dataset`` loads: a hub name (read through the cache), a
+            builder (``csv``, ``json``, ``parquet``, ``text``, ``imagefolder``) or a folder.
+        config: the data set configuration name (``load_dataset``'s ``name``).
+        data_files, data_dir: as in ``load_dataset``.
+        generator: ``module:attr`` of a generator function for ``Dataset.from_generator``
+            (``IterableDataset.from_generator`` when streaming); ``gen_kwargs`` its arguments.
+        split, val_split: the splits for the ``train`` and ``val`` loaders.
+        streaming: load an iterable data set (never fully downloaded or decoded).
+        load_options: more keyword arguments for ``load_dataset``.
+        image_column, caption_column: the columns read by the image and caption checks;
+            a caption missing from its column is read from ``<image stem><caption_extension>``.
+        require_caption: a sample without a caption is a bad sample.
+        batch_size, val_batch_size: samples per batch on each process.
+        shuffle: reshuffle per epoch from ``(seed, epoch)``.
+        remainder: what happens to samples that do not fill a batch (``drop``, ``pad``,
+            ``carry``; see :mod:`hookengine.data.sampler`).
+        num_workers, persistent_workers, pin_memory, prefetch_factor: DataLoader
+            settings (``pin_memory`` defaults to whether CUDA is available).
+        bad_samples: ``skip`` (count, name, go on) or ``raise``.
+        strict_modes: treat images that are not RGB or L (CMYK, 16-bit, alpha) as bad
+            instead of converting them.
+        image_tensor: turn the image into a ``(3, H, W)`` tensor in ``[-1, 1]``.
+        seed: shuffling seed (default: the engine's seed).
+        shuffle_buffer: buffer of ``IterableDataset.shuffle`` when streaming (0: off).
+    """
+
+    name = "dataset"
+
+    def __init__(
+        self,
+        path: str | None = None,
+        config: str | None = None,
+        data_files: str | list[str] | dict[str, Any] | None = None,
+        data_dir: str | None = None,
+        generator: str | None = None,
+        gen_kwargs: dict[str, Any] | None = None,
+        split: str = "train",
+        val_split: str | None = None,
+        streaming: bool = False,
+        load_options: dict[str, Any] | None = None,
+        image_column: str = "image",
+        caption_column: str | None = None,
+        caption_extension: str = ".txt",
+        require_caption: bool = False,
+        batch_size: int = 8,
+        val_batch_size: int | None = None,
+        shuffle: bool = True,
+        remainder: Literal["drop", "pad", "carry"] = "pad",
+        num_workers: int = 0,
+        persistent_workers: bool = False,
+        pin_memory: bool | None = None,
+        prefetch_factor: int | None = None,
+        bad_samples: Literal["skip", "raise"] = "skip",
+        strict_modes: bool = False,
+        image_tensor: bool = True,
+        seed: int | None = None,
+        shuffle_buffer: int = 0,
+    ) -> None:
+        if path is None and generator is None:
+            raise ValueError("dataset: give dataset.path (name, builder or folder) or dataset.generator")
+        if batch_size < 1:
+            raise ValueError(f"dataset.batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"dataset.num_workers must be >= 0, got {num_workers}")
+        self.path, self.config, self.data_files, self.data_dir = path, config, data_files, data_dir
+        self.generator, self.gen_kwargs = generator, gen_kwargs or {}
+        self.split, self.val_split, self.streaming = split, val_split, streaming
+        self.load_options = load_options or {}
+        self.image_column, self.caption_column = image_column, caption_column
+        self.caption_extension, self.require_caption = caption_extension, require_caption
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
+        self.shuffle, self.remainder = shuffle, remainder
+        self.num_workers, self.persistent_workers = num_workers, persistent_workers
+        self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
+        self.bad_samples, self.strict_modes, self.image_tensor = bad_samples, strict_modes, image_tensor
+        self.seed, self.shuffle_buffer = seed, shuffle_buffer
+        self.datasets: dict[str, Any] = {}
+        self.loaders: dict[str, Any] = {}
+        self.skipped: list[dict[str, Any]] = []
+        self._seen_skips: set[tuple[int, str]] = set()
+        self.engine: Any = None
+
+    # ------------------------------------------------------------------- setup
+    def setup(self, engine: Any) -> None:
+        self.engine = engine
+        for slot in SLOTS:
+            engine.attach(slot, getattr(self, f"_{slot}"))
+        engine.on("setup", self.build)
+        engine.on("batch_start", self._on_batch)
+
+    @property
+    def effective_seed(self) -> int:
+        if self.seed is not None:
+            return self.seed
+        return int(getattr(self.engine.runtime, "seed", 0) or 0) if self.engine else 0
+
+    def spec(self) -> dict[str, Any]:
+        """What ``load_dataset`` is asked for (passed to the ``load_dataset`` slot)."""
+        return {
+            "path": self.path,
+            "name": self.config,
+            "data_files": self.data_files,
+            "data_dir": self.data_dir,
+            "streaming": self.streaming,
+            "generator": self.generator,
+            "gen_kwargs": self.gen_kwargs,
+            **self.load_options,
+        }
+
+    def build(self, state: Any = None) -> dict[str, Any]:
+        """Load the data and register the loaders (once; the ``setup`` event calls it)."""
+        if self.loaders:
+            return self.loaders
+        engine = self.engine
+        loaded = engine.call("load_dataset", self.spec())
+        for split_name, wanted in (("train", self.split), ("val", self.val_split)):
+            if wanted is None:
+                continue
+            data = self._pick_split(loaded, wanted, split_name)
+            self.datasets[split_name] = self._prepare_columns(data)
+            self.loaders[split_name] = engine.call("make_dataloader", self.datasets[split_name], split_name)
+            engine.state.dataloaders[split_name] = self.loaders[split_name]
+        self._apply_sampler_state()
+        return self.loaders
+
+    def _pick_split(self, loaded: Any, wanted: str, role: str) -> Any:
+        if not _is_dict_of_splits(loaded):
+            return loaded
+        if wanted not in loaded:
+            key = "split" if role == "train" else "val_split"
+            raise KeyError(f"dataset.{key}={wanted!r}: the data set has splits {sorted(loaded)}")
+        return loaded[wanted]
+
+    def _prepare_columns(self, data: Any) -> Any:
+        """Keep images undecoded (we decode and validate them) and check for emptiness."""
+        import datasets
+
+        features = getattr(data, "features", None) or {}
+        if self.image_column in features and isinstance(features[self.image_column], datasets.Image):
+            data = data.cast_column(self.image_column, datasets.Image(decode=False))
+        if not isinstance(data, datasets.IterableDataset) and len(data) == 0:
+            raise ValueError(f"dataset: the data set {self.path or self.generator!r} (split {self.split!r}) is empty")
+        return data
+
+    # -------------------------------------------------------------- slot defaults
+    def _load_dataset(self, next_impl: Any, spec: dict[str, Any]) -> Any:
+        import datasets
+
+        spec = dict(spec)
+        generator, gen_kwargs = spec.pop("generator", None), spec.pop("gen_kwargs", None) or {}
+        if generator is not None:
+            from ..plugins import resolve
+
+            fn = resolve(generator) if isinstance(generator, str) else generator
+            cls = datasets.IterableDataset if spec.get("streaming") else datasets.Dataset
+            return cls.from_generator(fn, gen_kwargs=gen_kwargs)
+        path = spec.pop("path")
+        spec = {k: v for k, v in spec.items() if v is not None}
+        try:
+            return datasets.load_dataset(path, **spec)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"dataset.path={path!r}: {exc}") from exc
+        except ValueError as exc:
+            if "no data" not in str(exc):
+                raise
+            where = spec.get("data_files") or spec.get("data_dir") or path
+            raise ValueError(f"dataset: the data set {path!r} ({where}) is empty: {exc}") from exc
+
+    def _decode_sample(self, next_impl: Any, sample: dict[str, Any]) -> dict[str, Any]:
+        name = f"sample {sample.get('__index__')}"
+        if self.image_column in sample:
+            source = sample[self.image_column]
+            name = describe_source(source, name)
+            sample[self.image_column] = open_image(source, name=name, strict_modes=self.strict_modes)
+            sample["__name__"] = name
+        if self.caption_column is not None:
+            caption = sample.get(self.caption_column)
+            if not caption:
+                caption = self._sidecar_caption(sample)
+                sample[self.caption_column] = caption
+            if self.require_caption and not (caption and str(caption).strip()):
+                raise BadSampleError(name, "missing caption", f"column {self.caption_column!r} is empty")
+        return sample
+
+    def _sidecar_caption(self, sample: dict[str, Any]) -> str | None:
+        image = sample.get(self.image_column)
+        path = getattr(image, "filename", None) or sample.get("__name__")
+        if not path or not os.path.exists(str(path)):
+            return None
+        caption_path = os.path.splitext(str(path))[0] + self.caption_extension
+        if os.path.exists(caption_path):
+            with open(caption_path, encoding="utf-8") as handle:
+                return handle.read().strip()
+        return None
+
+    def _transform_sample(self, next_impl: Any, sample: dict[str, Any]) -> dict[str, Any]:
+        if self.image_tensor and hasattr(sample.get(self.image_column), "convert"):
+            sample[self.image_column] = to_tensor(sample[self.image_column])
+        return sample
+
+    def _collate(self, next_impl: Any, samples: list[dict[str, Any]]) -> Any:
+        return default_collate(samples)
+
+    def _transform_batch(self, next_impl: Any, batch: Any) -> Any:
+        return batch
+
+    def _reshuffle(self, next_impl: Any, *args: Any, **kwargs: Any) -> Any:
+        from .sampler import plan_epoch
+
+        return plan_epoch(*args, **kwargs)
+
+    def _stream_bucket(self, next_impl: Any, sample: dict[str, Any], split: str = "train") -> Any:
+        return 0
+
+    def _world(self) -> tuple[int, int]:
+        runtime = self.engine.runtime
+        return int(runtime.num_processes), int(runtime.process_index)
+
+    def _batch_sampler(self, next_impl: Any, dataset: Any, split: str) -> Any:
+        num_replicas, rank = self._world()
+        if split != "train":
+            from .shuffle import EpochBatchSampler
+
+            return EpochBatchSampler(
+                len(dataset), self.val_batch_size, seed=self.effective_seed, shuffle=False,
+                num_replicas=num_replicas, rank=rank,
+            )
+        from .sampler import BucketBatchSampler
+
+        return BucketBatchSampler(
+            np.zeros(len(dataset), dtype=np.int64),
+            self.batch_size,
+            num_replicas=num_replicas,
+            rank=rank,
+            seed=self.effective_seed,
+            shuffle=self.shuffle,
+            remainder=self.remainder,
+            planner=self.planner,
+            with_epoch=True,
+        )
+
+    def planner(self, *args: Any, **kwargs: Any) -> Any:
+        """The ``reshuffle`` slot, in the form a :class:`BucketBatchSampler` calls."""
+        return self.engine.call("reshuffle", *args, **kwargs)
+
+    def _make_dataloader(self, next_impl: Any, dataset: Any, split: str) -> Any:
+        import datasets
+        import torch
+        from torch.utils.data import DataLoader
+
+        pin = torch.cuda.is_available() if self.pin_memory is None else self.pin_memory
+        options: dict[str, Any] = {"num_workers": self.num_workers, "pin_memory": pin}
+        streaming = isinstance(dataset, datasets.IterableDataset)
+        if self.num_workers:
+            # Persistent workers would keep a stream's old epoch; map-style data sends
+            # the epoch with each index, so they are safe there.
+            options["persistent_workers"] = self.persistent_workers and not streaming
+            if self.prefetch_factor is not None:
+                options["prefetch_factor"] = self.prefetch_factor
+        pipeline = _Pipeline(self.engine.call, self.bad_samples, split, stream=streaming)
+        if streaming:
+            num_replicas, rank = self._world()
+            stream = StreamBatches(
+                dataset,
+                pipeline,
+                self.batch_size if split == "train" else self.val_batch_size,
+                key_fn=lambda sample: self.engine.call("stream_bucket", sample, split),
+                num_replicas=num_replicas,
+                rank=rank,
+                remainder=self.remainder if split == "train" else "pad",
+                seed=self.effective_seed,
+                shuffle_buffer=self.shuffle_buffer if split == "train" else 0,
+            )
+            return _StreamLoader(DataLoader(_as_torch_iterable(stream), batch_size=None, **options), stream)
+        sampler = self.engine.call("batch_sampler", dataset, split)
+        return DataLoader(MapDataset(dataset, pipeline), batch_sampler=sampler, collate_fn=pipeline.batch, **options)
+
+    # ----------------------------------------------------------- skipped samples
+    def _on_batch(self, state: Any, batch: Any = None) -> None:
+        if not isinstance(batch, dict):
+            return
+        skipped = batch.get("skipped") or []
+        if skipped:
+            self.record_skipped(skipped)
+        if len(batch) == 1 and "skipped" in batch:  # every sample of the batch was bad
+            state.control.skip_step()
+
+    def record_skipped(self, entries: list[tuple[int, str, str]]) -> None:
+        """Count, name and log skipped samples (each once per run)."""
+        state = self.engine.state
+        fresh = []
+        for index, name, reason in entries:
+            if (int(index), str(name)) in self._seen_skips:
+                continue
+            self._seen_skips.add((int(index), str(name)))
+            fresh.append({"index": int(index), "name": str(name), "reason": str(reason)})
+        if not fresh:
+            return
+        self.skipped.extend(fresh)
+        state.metrics["data/skipped"] = float(len(self.skipped))
+        for entry in fresh:
+            logger.warning("dataset: skipped %s (%s)", entry["name"], entry["reason"])
+            key = "data/skipped/" + entry["reason"].replace(" ", "_")
+            state.metrics[key] = float(state.metrics.get(key, 0.0)) + 1.0
+        if state.run_dir and state.is_main_process:
+            with open(os.path.join(state.run_dir, "skipped_samples.jsonl"), "a", encoding="utf-8") as handle:
+                for entry in fresh:
+                    handle.write(json.dumps(entry) + "\n")
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"skipped": list(self.skipped)}
+        loader = self.loaders.get("train")
+        sampler = getattr(loader, "batch_sampler", None)
+        if hasattr(sampler, "state_dict"):
+            state["sampler"] = sampler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.skipped = list(state.get("skipped", []))
+        self._seen_skips = {(e["index"], e["name"]) for e in self.skipped}
+        self._pending_sampler_state = state.get("sampler")
+        self._apply_sampler_state()
+
+    def _apply_sampler_state(self) -> None:
+        # A checkpoint may be loaded before the loaders exist: applied once they do.
+        sampler = getattr(self.loaders.get("train"), "batch_sampler", None)
+        pending = getattr(self, "_pending_sampler_state", None)
+        if pending is not None and hasattr(sampler, "load_state_dict"):
+            sampler.load_state_dict(pending)
+            self._pending_sampler_state = None
+
+
+def _is_dict_of_splits(obj: Any) -> bool:
+    import datasets
+
+    return isinstance(obj, (datasets.DatasetDict, datasets.IterableDatasetDict, dict))
+
+
+class _StreamLoader:
+    """A DataLoader over :class:`StreamBatches` with the loop's ``set_epoch``/``set_start``.
+
+    With no workers the stream is iterated here directly; with workers, each iteration
+    forks them after the epoch and start are set (so workers are never persistent).
+    """
+
+    def __init__(self, loader: Any, stream: StreamBatches) -> None:
+        self.loader, self.stream = loader, stream
+        self.batch_sampler = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.stream.set_epoch(epoch)
+
+    def set_start(self, batch_index: int) -> None:
+        self.stream.set_start(batch_index)
+
+    def __iter__(self) -> Iterator[Any]:
+        if self.loader.num_workers == 0:
+            return iter(self.stream)
+        iterator = iter(self.loader)  # forks the workers: they copy epoch and start now
+        self.stream.start = 0  # a start applies to one epoch only
+        return iterator
