@@ -175,6 +175,14 @@ class TrainingLoop:
     def _prepare(self) -> None:
         """Build the optimizer if no plugin did, then place and wrap the models."""
         state = self.engine.state
+        for phase in self.phases:
+            if phase.routine is not None and phase.routine not in self.engine.plugins:
+                from .plugins import closest
+
+                raise ValueError(
+                    f"phase {phase.name!r}: unknown routine {phase.routine!r}"
+                    f"{closest(phase.routine, self.engine.plugins)}; plugins in use: {sorted(self.engine.plugins)}"
+                )
         if not state.models:
             raise RuntimeError("no model: use a routine or model plugin that registers one in state.models")
         if not state.optimizers and self._trainable(state.models):

@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from ..plugins import resolve
+from .base import Routine
 
 __all__ = ["Supervised"]
 
 
-class Supervised:
+class Supervised(Routine):
     """Train ``model`` on ``loss(model(inputs), targets)``.
 
     Args:
@@ -40,13 +41,7 @@ class Supervised:
         self.inputs, self.targets = inputs, targets
         self.accuracy = accuracy
 
-    def setup(self, engine: Any) -> None:
-        self.engine = engine
-        engine.on("setup", self._build)
-        engine.attach("compute_loss", self._compute_loss)
-        engine.attach("eval_step", self._eval_step)
-
-    def _build(self, state: Any) -> None:
+    def build(self, state: Any) -> None:
         import torch
 
         factory = resolve(self.model_ref)
@@ -61,7 +56,9 @@ class Supervised:
                 from ..plugins import closest
 
                 names = [n for n in dir(torch.nn.functional) if n.endswith("loss") or "entropy" in n]
-                raise ValueError(f"plugins.{self.engine.hooks.current_plugin or self.name}.loss: unknown loss {self.loss_ref!r}{closest(self.loss_ref, names)}")
+                raise ValueError(
+                    f"plugins.{self.plugin_name}.loss: unknown loss {self.loss_ref!r}{closest(self.loss_ref, names)}"
+                )
         self.device = self.engine.runtime.device
 
     def _split(self, batch: Any) -> tuple[Any, Any]:
@@ -70,11 +67,11 @@ class Supervised:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         return x, y
 
-    def _compute_loss(self, next_impl: Any, batch: Any) -> Any:
+    def loss(self, batch: Any) -> Any:
         x, y = self._split(batch)
         return self.loss_fn(self.engine.state.models[self.model_name](x), y)
 
-    def _eval_step(self, next_impl: Any, batch: Any) -> dict[str, float]:
+    def metrics(self, batch: Any) -> dict[str, float]:
         x, y = self._split(batch)
         output = self.engine.state.models[self.model_name](x)
         metrics = {"val_loss": float(self.loss_fn(output, y))}

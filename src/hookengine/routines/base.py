@@ -1,0 +1,63 @@
+"""What every training routine shares: it answers ``compute_loss`` in its own phases.
+
+A recipe's phase may name a routine (``phases: [{name: lora, routine: diffusion}]``).
+Each routine attaches ``compute_loss`` (and ``eval_step``) with an implementation that
+handles the batch when the current phase names it (or names no routine) and otherwise
+delegates to the implementation below it. So several routines can be used in one run
+and the phases pick among them, with no dispatcher that a user's routine would lack.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["Routine"]
+
+
+class Routine:
+    """Base class for routine plugins: implement :meth:`loss` (and maybe :meth:`metrics`).
+
+    Subclasses set ``name`` (the default plugin name, which phases refer to) and may
+    override :meth:`build` (called at the ``setup`` event, to create or fetch models).
+    """
+
+    name = "routine"
+
+    def setup(self, engine: Any) -> None:
+        self.engine = engine
+        self.plugin_name = engine.hooks.current_plugin or self.name
+        engine.on("setup", self._on_setup)
+        engine.attach("compute_loss", self._compute_loss)
+        engine.attach("eval_step", self._eval_step)
+
+    # -- to implement --------------------------------------------------------
+    def build(self, state: Any) -> None:
+        """Create or fetch models (``state.models``) before training starts."""
+
+    def loss(self, batch: Any) -> Any:
+        """The training loss of one batch (a 0-d tensor)."""
+        raise NotImplementedError
+
+    def metrics(self, batch: Any) -> dict[str, float]:
+        """Evaluation metrics of one batch; by default the loss as ``val_loss``."""
+        return {"val_loss": float(self.loss(batch))}
+
+    # -- wiring ----------------------------------------------------------------
+    def active(self) -> bool:
+        """Whether the current phase runs this routine (a phase naming none runs any)."""
+        trainer = self.engine.plugins.get("trainer")
+        phases = getattr(trainer, "phases", None)
+        if not phases:
+            return True
+        index = min(self.engine.state.clock.phase_index, len(phases) - 1)
+        routine = phases[index].routine
+        return routine is None or routine == self.plugin_name
+
+    def _on_setup(self, state: Any) -> None:
+        self.build(state)
+
+    def _compute_loss(self, next_impl: Any, batch: Any) -> Any:
+        return self.loss(batch) if self.active() else next_impl(batch)
+
+    def _eval_step(self, next_impl: Any, batch: Any) -> dict[str, float]:
+        return self.metrics(batch) if self.active() else next_impl(batch)
