@@ -217,6 +217,11 @@ class Checkpointing:
         engine = self.engine
         tree = engine.state_dict()
         step = engine.state.clock.step
+        if engine.runtime.distributed:
+            # Every rank has its own RNG stream (dropout, noise): keep them all.
+            from accelerate.utils import gather_object
+
+            tree["rng_per_rank"] = gather_object([tree["rng"]])
         engine.runtime.wait_for_everyone()
         path = None
         if engine.state.is_main_process:
@@ -235,7 +240,14 @@ class Checkpointing:
             if newest is None:
                 raise CheckpointError(f"no complete checkpoint in {path}")
             path = newest
-        self.engine.load_state_dict(load_tree(path))
+        tree = load_tree(path)
+        self.engine.load_state_dict(tree)
+        runtime = self.engine.runtime
+        per_rank = tree.get("rng_per_rank")
+        if per_rank and len(per_rank) == runtime.num_processes:
+            from .state import restore_rng
+
+            restore_rng(per_rank[runtime.process_index])
         self.engine.fire("checkpoint_loaded", path=path)
         return path
 

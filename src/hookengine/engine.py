@@ -37,11 +37,14 @@ class Engine:
         run_dir: str | Path | None = None,
         mixed_precision: str = "no",
         cpu: bool = False,
+        timeout_s: float = 300.0,
         **accelerator_options: Any,
     ) -> None:
         self.state = State(run_dir=str(run_dir) if run_dir is not None else None)
         self.hooks = Registry(self.state)
-        self.runtime = Runtime(seed=seed, mixed_precision=mixed_precision, cpu=cpu, **accelerator_options)
+        self.runtime = Runtime(
+            seed=seed, mixed_precision=mixed_precision, cpu=cpu, timeout_s=timeout_s, **accelerator_options
+        )
         self.state.unwrap = self.runtime.unwrap
         self.plugins: dict[str, Any] = {}
         # Bound once so the hot path is a single call (no extra frame per event).

@@ -151,18 +151,22 @@ class TrainingLoop:
             self._prepare()
             engine.fire("resume")
             clock = state.clock
-            while clock.phase_index < len(self.phases) and not self._should_stop():
+            # The clock never points past the last phase, so a finished run resumed with
+            # longer phases (or a higher max_steps) trains on instead of stopping at once.
+            clock.phase_index = min(clock.phase_index, len(self.phases) - 1)
+            while not self._should_stop():
                 phase = self.phases[clock.phase_index]
                 clock.phase = phase.name
                 engine.fire("phase_start", phase=phase)
                 self._run_phase(phase)
-                if self._phase_done(phase) or self._run_done():
+                finished = self._phase_done(phase)
+                if finished or self._run_done():
                     if self.eval_at_phase_end:
                         self._run_evaluation()
                     engine.fire("phase_end", phase=phase)
-                    self._next_phase()
-                if self._run_done():
+                if not finished or self._run_done() or clock.phase_index + 1 >= len(self.phases):
                     break
+                self._next_phase()
             engine.fire("run_end")
             return state
         except BaseException as error:

@@ -108,6 +108,8 @@ def plot_losses(metrics_file: Path, output: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if not Path(metrics_file).is_file():
+        return None
     records = [json.loads(line) for line in Path(metrics_file).read_text().splitlines() if line.strip()]
     train = [(r["step"], r["loss"]) for r in records if r["kind"] == "train" and "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if r["kind"] == "eval" and "val_loss" in r]

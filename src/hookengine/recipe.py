@@ -48,6 +48,7 @@ class RuntimeSection(BaseModel):
 
     mixed_precision: str = "no"
     cpu: bool = False
+    timeout_s: float = 300.0
 
 
 class Recipe(BaseModel):
@@ -188,6 +189,7 @@ def apply_recipe(engine: Any, recipe: Recipe) -> None:
     runtime.seed = recipe.seed
     runtime.mixed_precision = recipe.runtime.mixed_precision
     runtime.cpu = recipe.runtime.cpu
+    runtime.timeout_s = recipe.runtime.timeout_s
     engine.state.run_dir = recipe.run_dir.format(name=recipe.name)
     engine.state.config = recipe.model_dump()
     for name, reference, options in plugin_sections(recipe):

@@ -23,6 +23,7 @@ class Runtime:
         seed: seeds Python, NumPy and torch on every process (accelerate's ``set_seed``).
         mixed_precision: ``"no"``, ``"fp16"``, ``"bf16"`` (as accelerate).
         cpu: force the CPU even when a GPU is there.
+        timeout_s: how long a collective may wait for the other ranks before failing.
         accelerator_options: more keyword arguments for ``accelerate.Accelerator``.
     """
 
@@ -31,8 +32,10 @@ class Runtime:
         seed: int | None = 0,
         mixed_precision: str = "no",
         cpu: bool = False,
+        timeout_s: float = 300.0,
         **accelerator_options: Any,
     ) -> None:
+        self.timeout_s = timeout_s
         self.seed = seed
         self.mixed_precision = mixed_precision
         self.cpu = cpu
@@ -46,8 +49,16 @@ class Runtime:
             from accelerate import Accelerator
             from accelerate.utils import set_seed
 
+            from datetime import timedelta
+
+            from accelerate.utils import InitProcessGroupKwargs
+
+            # A bounded collective timeout: if a rank dies, the others fail instead of hanging.
+            handlers = list(self.accelerator_options.pop("kwargs_handlers", []))
+            handlers.append(InitProcessGroupKwargs(timeout=timedelta(seconds=self.timeout_s)))
             self._accelerator = Accelerator(
-                mixed_precision=self.mixed_precision, cpu=self.cpu, **self.accelerator_options
+                mixed_precision=self.mixed_precision, cpu=self.cpu or _cpu_processes(), kwargs_handlers=handlers,
+                **self.accelerator_options,
             )
             if self.seed is not None:
                 set_seed(self.seed)
@@ -128,3 +139,18 @@ class Runtime:
         if self._accelerator is not None:
             self.wait_for_everyone()
             self._accelerator.end_training()
+
+
+def _cpu_processes() -> bool:
+    """Several processes (torchrun, accelerate launch) on a machine with no GPU.
+
+    accelerate only picks its multi-CPU (gloo) mode when told ``cpu=True``; without it
+    every process would silently train alone.
+    """
+    import os
+
+    import torch
+
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get("LOCAL_RANK") is not None
+    has_accelerator = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    return launched and not has_accelerator

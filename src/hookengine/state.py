@@ -93,11 +93,21 @@ class State:
         value = self.metrics[name]
         return float(value.item() if hasattr(value, "item") else value)
 
+    def checkpointed_models(self) -> dict[str, Any]:
+        """Models with weights (``state_dict``); pipelines and tokenizers are skipped:
+        their trainable parts are registered as models of their own."""
+        return {
+            name: m
+            for name, m in self.models.items()
+            if callable(getattr(self.unwrap(m), "state_dict", None))
+            and callable(getattr(self.unwrap(m), "load_state_dict", None))
+        }
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "clock": self.clock.state_dict(),
             "metrics": {k: _plain(v) for k, v in self.metrics.items()},
-            "models": {name: self.unwrap(m).state_dict() for name, m in self.models.items()},
+            "models": {name: self.unwrap(m).state_dict() for name, m in self.checkpointed_models().items()},
             "optimizers": {name: o.state_dict() for name, o in self.optimizers.items()},
             "rng": capture_rng(),
         }
@@ -105,7 +115,7 @@ class State:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.clock.load_state_dict(state["clock"])
         self.metrics.update(state.get("metrics", {}))
-        for kind, objects in (("models", self.models), ("optimizers", self.optimizers)):
+        for kind, objects in (("models", self.checkpointed_models()), ("optimizers", self.optimizers)):
             saved = state.get(kind, {})
             missing = sorted(set(objects) - set(saved))
             if missing:

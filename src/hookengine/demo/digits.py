@@ -20,7 +20,7 @@ def load_digits_split(val_fraction: float = 0.2, seed: int = 0) -> tuple[Any, An
     return tx, ty, vx, vy
 
 
-def DigitsConvNet(width: int = 16, hidden: int = 64) -> Any:
+def DigitsConvNet(width: int = 16, hidden: int = 64, dropout: float = 0.1) -> Any:
     """A small convnet for 8x8 digits (about 40k parameters)."""
     from torch import nn
 
@@ -33,7 +33,7 @@ def DigitsConvNet(width: int = 16, hidden: int = 64) -> Any:
         nn.Flatten(),
         nn.Linear(2 * width * 16, hidden),
         nn.ReLU(),
-        nn.Dropout(0.1),
+        nn.Dropout(dropout),
         nn.Linear(hidden, 10),
     )
 
