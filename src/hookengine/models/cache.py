@@ -329,11 +329,17 @@ class ModelCache:
         return "cpu"
 
     def remove(self, name: str) -> Any:
-        """Stop managing a model; returns it as it is (its weights may be on disk: acquire first)."""
+        """Stop managing a model; returns it with its weights in memory (read back from disk if needed)."""
         with self._lock:
             entry = self._entry(name)
+            while entry.moving:
+                self._changed.wait(self.wait_timeout)
             if entry.in_use:
                 raise CacheError(f"model {name!r} is in use; release it before removing it")
+            if entry.partial is not None:
+                self._undo_partial(entry)
+            if entry.tier == DISK:
+                self._read_disk(entry, "cpu")
             del self._entries[name]
             self._changed.notify_all()
             return entry.model
@@ -454,7 +460,8 @@ class ModelCache:
                 raise CacheFullError(
                     f"no room for {need} bytes on {device} (budget {budget}, used {self.resident_bytes(device)}): "
                     f"models in use there: {busy}",
-                    victims,
+                    # Moves in flight hold reservations: waiting for them can help too.
+                    victims + [e for e in self._entries.values() if e.moving],
                 )
             victim = min(idle, key=lambda e: e.last_used)
             self._move_down(victim, event="evicted")
@@ -474,6 +481,7 @@ class ModelCache:
         """Move an idle model one tier down (device -> cpu -> disk), making room there (lock held)."""
         started = time.perf_counter()
         source = entry.tier
+        moved = 0  # a partial model's weights, or a frozen model's, are already on disk
         if entry.partial is not None:
             self._undo_partial(entry)
             target = DISK
@@ -486,18 +494,19 @@ class ModelCache:
                     target = DISK
             if target == "cpu":
                 self._to_device(entry, "cpu", pin=_is_cuda(source) and self.pin_memory)
+                moved = entry.nbytes
             else:
-                self._write_disk(entry)
+                moved = self._write_disk(entry)
             entry.tier = target
         entry.resident = entry.nbytes if target != DISK else 0
         seconds = time.perf_counter() - started
-        self.stats["bytes_moved"] += entry.nbytes
+        self.stats["bytes_moved"] += moved
         self.stats["seconds"] += seconds
         self.stats["offloads"] += 1
         if event == "evicted":
             self.stats["evictions"] += 1
         self._changed.notify_all()
-        self._emit(event, name=entry.name, source=source, target=target, nbytes=entry.nbytes, seconds=seconds)
+        self._emit(event, name=entry.name, source=source, target=target, nbytes=moved, seconds=seconds)
 
     def offload(self, name: str, tier: str = DISK) -> None:
         """Move an idle model down to ``"cpu"`` or ``"disk"`` now (frees its device memory)."""
@@ -548,13 +557,16 @@ class ModelCache:
         safe = re.sub(r"[^\w.-]", "_", entry.name)
         return self.offload_dir / f"{safe}.safetensors"
 
-    def _write_disk(self, entry: _Entry) -> None:
-        """Write the weights (unless a current frozen copy exists) and leave empty placeholders."""
+    def _write_disk(self, entry: _Entry) -> int:
+        """Write the weights (unless a current frozen copy exists), leave empty placeholders;
+        returns the bytes written."""
         import torch
         from safetensors.torch import save_file
 
         slots = _unique(_slots(entry.model))
+        written = 0
         if not (entry.frozen and entry.disk_current and entry.disk_path and entry.disk_path.exists()):
+            written = entry.nbytes
             path = self._disk_path(entry)
             tensors: dict[str, Any] = {}
             storages: set[tuple[str, int]] = set()
@@ -572,6 +584,7 @@ class ModelCache:
             entry.disk_current = True
         for slot in slots:
             slot.tensor.data = torch.empty(0, dtype=slot.tensor.dtype)
+        return written
 
     def _read_disk(self, entry: _Entry, device: str, keys: set[str] | None = None) -> None:
         """Fill the placeholders from the disk file (memory-mapped), straight onto ``device``."""
