@@ -665,6 +665,7 @@ class Bucketing:
 
         with ThreadPoolExecutor(max(1, self.size_threads)) as pool:
             sizes = list(pool.map(one, enumerate(sources)))
+        self.bad.sort()  # threads finish in any order; reports must not
         array = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
         return array[:, 0], array[:, 1]
 

@@ -37,7 +37,7 @@ import numpy as np
 
 from .images import BadSampleError, describe_source, open_image, to_tensor
 
-__all__ = ["DatasetPlugin", "Skipped", "MapDataset", "StreamBatches", "default_collate"]
+__all__ = ["DatasetPlugin", "Skipped", "MapDataset", "StreamBatches", "StreamItems", "default_collate"]
 
 logger = logging.getLogger(__name__)
 
@@ -121,29 +121,23 @@ class MapDataset:
         return self.pipeline.sample(self.data[index], index, epoch)
 
 
-def _torch_iterable_base() -> type:
-    import torch.utils.data
-
-    return torch.utils.data.IterableDataset
-
-
 class StreamBatches:
-    """Batches from an iterable (streaming) data set, grouped by ``key_fn``.
+    """A batch sampler over an iterable (streaming) data set, grouped by ``key_fn``.
 
-    Every rank (and every DataLoader worker) reads the same stream in the same order,
-    groups samples by key without decoding them, and emits a *global* batch of
-    ``batch_size * num_replicas`` samples when a group fills. Global batch ``j`` goes to
-    worker ``j % num_workers``; each rank decodes only its own slice. So ranks draw from
-    the same group at each step, get disjoint samples and the same number of steps, and
-    a resume skips ``start`` global batches without decoding anything.
-    ``remainder``: ``drop`` or ``pad`` (repeat from the group) for groups left unfilled
-    at the end of the stream; ``carry`` acts as ``drop`` on streams (logged).
+    It runs in the main process of every rank: it reads the stream in the same order on
+    every rank (the raw records only; images stay undecoded), groups them by key, and when
+    a group holds a *global* batch of ``batch_size * num_replicas`` records it yields this
+    rank's slice. The records themselves are the "indices": :class:`StreamItems` decodes
+    and transforms them, in DataLoader workers when there are some. So ranks draw from
+    the same group at each step, get disjoint samples and the same number of steps, the
+    batch order does not depend on the workers, and a resume skips ``start`` global
+    batches without decoding anything. ``remainder``: ``drop`` or ``pad`` (repeat from the
+    group) for groups left unfilled at the end of the stream; ``carry`` acts as ``drop``.
     """
 
     def __init__(
         self,
         data: Any,
-        pipeline: _Pipeline,
         batch_size: int,
         *,
         key_fn: Callable[[dict[str, Any]], Any] | None = None,
@@ -152,14 +146,15 @@ class StreamBatches:
         remainder: str = "drop",
         seed: int = 0,
         shuffle_buffer: int = 0,
+        bad_samples: str = "skip",
     ) -> None:
-        self.data, self.pipeline = data, pipeline
+        self.data = data
         self.batch_size, self.num_replicas, self.rank = batch_size, num_replicas, rank
         self.key_fn = key_fn or (lambda sample: 0)
         self.remainder, self.seed, self.shuffle_buffer = remainder, seed, shuffle_buffer
+        self.bad_samples = bad_samples
         self.epoch = 0
         self.start = 0
-        self.pending_skips: list[tuple[int, str, str]] = []
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -174,53 +169,56 @@ class StreamBatches:
             data.set_epoch(self.epoch)
         return data
 
-    def global_batches(self) -> Iterator[tuple[Any, list[tuple[int, dict[str, Any]]]]]:
-        """``(key, [(stream_position, raw_sample), ...])`` for every global batch, in order."""
+    def global_batches(self) -> Iterator[list[tuple[Any, ...]]]:
+        """Every global batch of ``(position, epoch, record)`` items, in order.
+
+        Records whose key cannot be read follow as ``("skipped", position, name, reason)``
+        items, reported with the next batch of every rank.
+        """
         group = self.batch_size * self.num_replicas
-        groups: dict[Any, list[tuple[int, dict[str, Any]]]] = {}
+        groups: dict[Any, list[tuple[Any, ...]]] = {}
+        skipped: list[tuple[Any, ...]] = []
         for position, raw in enumerate(self._stream()):
             try:
                 key = self.key_fn({**raw, "__index__": position, "__epoch__": self.epoch})
-            except BadSampleError as exc:  # unreadable header: reported with the next batch
-                if self.pipeline.bad_samples == "raise":
+            except BadSampleError as exc:
+                if self.bad_samples == "raise":
                     raise
-                self.pending_skips.append((position, exc.name, exc.reason))
+                skipped.append(("skipped", position, exc.name, exc.reason))
                 continue
             members = groups.setdefault(key, [])
-            members.append((position, raw))
+            members.append((position, self.epoch, raw))
             if len(members) == group:
                 del groups[key]
-                yield key, members
+                yield members + skipped
+                skipped = []
         for key, members in groups.items():
             if self.remainder == "pad":
-                yield key, [members[i % len(members)] for i in range(group)]
+                yield [members[i % len(members)] for i in range(group)] + skipped
+                skipped = []
             elif members:
                 logger.info("stream: %d samples of group %s do not fill a batch: left out", len(members), key)
 
-    def __iter__(self) -> Iterator[Any]:
-        import torch.utils.data
-
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        start, self.start = self.start, 0
+    def __iter__(self) -> Iterator[list[tuple[Any, ...]]]:
+        start, self.start = self.start, 0  # a start applies to one epoch only
         lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
-        for j, (_, members) in enumerate(self.global_batches()):
-            if j < start or j % workers != worker:
-                continue
-            mine = members[lo:hi]
-            batch = self.pipeline.batch([self.pipeline.sample(raw, pos, self.epoch) for pos, raw in mine])
-            if self.pending_skips and isinstance(batch, dict):
-                batch["skipped"] = batch.get("skipped", []) + self.pending_skips
-                self.pending_skips = []
-            yield batch
+        group = self.batch_size * self.num_replicas
+        for j, items in enumerate(self.global_batches()):
+            if j >= start:
+                yield items[lo:hi] + items[group:]
 
 
-def _as_torch_iterable(obj: StreamBatches) -> Any:
-    """Make a :class:`StreamBatches` a torch ``IterableDataset`` (torch imported lazily)."""
-    base = _torch_iterable_base()
-    cls = type("TorchStreamBatches", (StreamBatches, base), {})
-    obj.__class__ = cls
-    return obj
+class StreamItems:
+    """The "data set" of a streamed loader: each item is a record to decode and transform."""
+
+    def __init__(self, pipeline: _Pipeline) -> None:
+        self.pipeline = pipeline
+
+    def __getitem__(self, item: tuple[Any, ...]) -> Any:
+        if item[0] == "skipped":
+            return Skipped(int(item[1]), str(item[2]), str(item[3]))
+        position, epoch, raw = item
+        return self.pipeline.sample(raw, int(position), int(epoch))
 
 
 # --------------------------------------------------------------------------- collate
@@ -289,7 +287,8 @@ class DatasetPlugin:
             instead of converting them.
         image_tensor: turn the image into a ``(3, H, W)`` tensor in ``[-1, 1]``.
         seed: shuffling seed (default: the engine's seed).
-        shuffle_buffer: buffer of ``IterableDataset.shuffle`` when streaming (0: off).
+        shuffle_buffer: buffer of ``IterableDataset.shuffle`` when streaming (0: off),
+            reshuffled per epoch from ``(seed, epoch)``.
     """
 
     name = "dataset"
@@ -322,7 +321,7 @@ class DatasetPlugin:
         strict_modes: bool = False,
         image_tensor: bool = True,
         seed: int | None = None,
-        shuffle_buffer: int = 0,
+        shuffle_buffer: int = 1000,
     ) -> None:
         if path is None and generator is None:
             raise ValueError("dataset: give dataset.path (name, builder or folder) or dataset.generator")
@@ -352,7 +351,8 @@ class DatasetPlugin:
     def setup(self, engine: Any) -> None:
         self.engine = engine
         for slot in SLOTS:
-            engine.attach(slot, getattr(self, f"_{slot}"))
+            # Base implementations: plugins that wrap them work whatever the order of use.
+            engine.attach(slot, getattr(self, f"_{slot}"), priority=-1000)
         engine.on("setup", self.build)
         engine.on("batch_start", self._on_batch)
 
@@ -520,26 +520,25 @@ class DatasetPlugin:
         options: dict[str, Any] = {"num_workers": self.num_workers, "pin_memory": pin}
         streaming = isinstance(dataset, datasets.IterableDataset)
         if self.num_workers:
-            # Persistent workers would keep a stream's old epoch; map-style data sends
-            # the epoch with each index, so they are safe there.
-            options["persistent_workers"] = self.persistent_workers and not streaming
+            # Safe: every sampler item carries its epoch, so old workers see the new one.
+            options["persistent_workers"] = self.persistent_workers
             if self.prefetch_factor is not None:
                 options["prefetch_factor"] = self.prefetch_factor
         pipeline = _Pipeline(self.engine.call, self.bad_samples, split, stream=streaming)
         if streaming:
             num_replicas, rank = self._world()
-            stream = StreamBatches(
+            sampler = StreamBatches(
                 dataset,
-                pipeline,
                 self.batch_size if split == "train" else self.val_batch_size,
                 key_fn=lambda sample: self.engine.call("stream_bucket", sample, split),
                 num_replicas=num_replicas,
                 rank=rank,
                 remainder=self.remainder if split == "train" else "pad",
                 seed=self.effective_seed,
-                shuffle_buffer=self.shuffle_buffer if split == "train" else 0,
+                shuffle_buffer=self.shuffle_buffer if split == "train" and self.shuffle else 0,
+                bad_samples=self.bad_samples,
             )
-            return _StreamLoader(DataLoader(_as_torch_iterable(stream), batch_size=None, **options), stream)
+            return DataLoader(StreamItems(pipeline), batch_sampler=sampler, collate_fn=pipeline.batch, **options)
         sampler = self.engine.call("batch_sampler", dataset, split)
         return DataLoader(MapDataset(dataset, pipeline), batch_sampler=sampler, collate_fn=pipeline.batch, **options)
 
@@ -602,28 +601,3 @@ def _is_dict_of_splits(obj: Any) -> bool:
     import datasets
 
     return isinstance(obj, (datasets.DatasetDict, datasets.IterableDatasetDict, dict))
-
-
-class _StreamLoader:
-    """A DataLoader over :class:`StreamBatches` with the loop's ``set_epoch``/``set_start``.
-
-    With no workers the stream is iterated here directly; with workers, each iteration
-    forks them after the epoch and start are set (so workers are never persistent).
-    """
-
-    def __init__(self, loader: Any, stream: StreamBatches) -> None:
-        self.loader, self.stream = loader, stream
-        self.batch_sampler = None
-
-    def set_epoch(self, epoch: int) -> None:
-        self.stream.set_epoch(epoch)
-
-    def set_start(self, batch_index: int) -> None:
-        self.stream.set_start(batch_index)
-
-    def __iter__(self) -> Iterator[Any]:
-        if self.loader.num_workers == 0:
-            return iter(self.stream)
-        iterator = iter(self.loader)  # forks the workers: they copy epoch and start now
-        self.stream.start = 0  # a start applies to one epoch only
-        return iterator
