@@ -97,9 +97,6 @@ def named_parameters(model: Any) -> list[tuple[str, Any]]:
     return list(model.named_parameters())
 
 
-_NORM_WORDS = ("norm",)
-
-
 def norm_parameter_names(model: Any) -> set[str]:
     """Names of parameters that belong to normalisation layers (LayerNorm, GroupNorm, RMSNorm...)."""
     model = unwrap(model)
@@ -287,34 +284,29 @@ def layer_depths(units: Sequence[Unit], formula: str = "beit") -> tuple[dict[str
 
     ``beit``: embeddings 0, block i -> i + 1, everything after the blocks L + 1.
     ``electra``: the same, but a pooler is L + 1 and the task head L + 2.
-    Units of models without a stem or head count from 0 (first unit) upwards.
+    Units without a stem or head (a Keras stack) count blocks from 1; the last is the top.
     """
     if formula not in ("beit", "electra"):
         raise ValueError(f"layer decay formula must be 'beit' or 'electra', got {formula!r}")
     blocks = [u for u in units if u.kind == "block"]
     depths: dict[str, int] = {}
-    n = len(blocks)
-    has_stem = any(u.kind == "stem" for u in units)
-    offset = 1 if has_stem or formula == "beit" else 0
     for i, unit in enumerate(blocks):
         for p in unit.params:
-            depths[p] = i + offset
-    top = n + offset
+            depths[p] = i + 1
+    top = len(blocks)
     for unit in units:
         if unit.kind == "stem":
-            for p in unit.params:
-                depths[p] = 0
+            depth = 0
         elif unit.kind == "pooler":
-            for p in unit.params:
-                depths[p] = top
+            depth = len(blocks) + 1
         elif unit.kind == "head":
-            for p in unit.params:
-                depths[p] = top + 1 if formula == "electra" else top
-    has_pooler = any(u.kind == "pooler" for u in units)
-    max_depth = top + 1 if formula == "electra" else top
-    if formula == "beit" and has_pooler:
-        max_depth = top
-    return depths, max_depth
+            depth = len(blocks) + (2 if formula == "electra" else 1)
+        else:
+            continue
+        top = max(top, depth)
+        for p in unit.params:
+            depths[p] = depth
+    return depths, top
 
 
 def layer_decay_scales(units: Sequence[Unit], decay: float, formula: str = "beit") -> dict[str, float]:
@@ -585,8 +577,3 @@ def refresh_lr(group: dict[str, Any]) -> None:
         scheduled = base_lr_of(group)
     group["lr"] = scheduled * group.get("lr_scale", 1.0) * group.get("lr_mult", 1.0)
 
-
-def iter_groups(optimizers: Iterable[Any]) -> Iterable[dict[str, Any]]:
-    """Every param group of several optimizers."""
-    for optimizer in optimizers:
-        yield from optimizer.param_groups

@@ -732,7 +732,8 @@ class LRScheduler:
         schedule = self.build()
         t = self.progress()
         extras = schedule.extras(t)
-        for optimizer in self._optimizers():
+        optimizers = self._optimizers()
+        for optimizer in optimizers:
             for group in optimizer.param_groups:
                 if self.base_lr is not None:
                     group["base_lr"] = self.base_lr
@@ -740,9 +741,8 @@ class LRScheduler:
                 if extras:
                     _write_extras(group, extras)
                 _groups.refresh_lr(group)
-        groups = self._optimizers()[0].param_groups if self._optimizers() else []
-        if groups:
-            state.metrics["lr"] = groups[0]["lr"]
+        if optimizers and optimizers[0].param_groups:
+            state.metrics["lr"] = optimizers[0].param_groups[0]["lr"]
 
     def _observe(self, state: Any, metrics: dict[str, Any] | None = None) -> None:
         if self.schedule_name not in _METRIC_NAMES:
