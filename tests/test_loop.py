@@ -192,3 +192,21 @@ def test_a_raising_listener_fires_exception_and_names_the_plugin(run_dir: Path) 
         engine.run()
     assert seen and seen[0] is info.value
     assert any("fragile_plugin" in note for note in info.value.__notes__)
+
+
+def test_background_checkpoints_equal_foreground_ones(tmp_path: Path) -> None:
+    from hookengine.checkpoint import load_tree
+
+    trees = {}
+    for mode in ("foreground", "background"):
+        engine = digits_engine(tmp_path / mode, max_steps=12)
+        engine.use("checkpoint", name="every4", every=4, keep_last=0, background=mode == "background",
+                   folder=str(tmp_path / mode / "ck"))
+        engine.run()
+        folder = tmp_path / mode / "ck"
+        assert [p.name for p in sorted(folder.glob("step-*"))] == ["step-00000004", "step-00000008", "step-00000012"]
+        assert not list(folder.glob(".*tmp*"))
+        trees[mode] = load_tree(folder / "step-00000004")
+    fg, bg = trees["foreground"], trees["background"]
+    for name, tensor in fg["models"]["model"].items():
+        assert torch.equal(tensor, bg["models"]["model"][name]), name  # a snapshot of step 4, not later

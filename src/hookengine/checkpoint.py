@@ -7,6 +7,7 @@ killed process never leaves a half-written checkpoint that ``--resume`` would pi
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -176,6 +177,9 @@ class Checkpointing:
         resume: ``None`` (start fresh), ``"latest"`` (newest in the folder, if any), or a path.
         folder: where checkpoints go; default ``RUN_DIR/checkpoints``.
         save_at_end: write a final checkpoint when the run ends normally.
+        background: write files on a background thread; training goes on meanwhile.
+            The state is copied first (a snapshot), the next save waits for the previous
+            write, and the run waits for the last one before it ends.
     """
 
     name = "checkpoint"
@@ -187,6 +191,7 @@ class Checkpointing:
         resume: str | None = None,
         folder: str | None = None,
         save_at_end: bool = True,
+        background: bool = False,
     ) -> None:
         if every < 0 or keep_last < 0:
             raise ValueError("checkpoint.every and checkpoint.keep_last must be >= 0")
@@ -195,7 +200,10 @@ class Checkpointing:
         self.resume = resume
         self.folder = folder
         self.save_at_end = save_at_end
+        self.background = background
         self.last_saved: Path | None = None
+        self._pending: Any = None  # the Future of a background write
+        self._executor: Any = None
 
     def setup(self, engine: Any) -> None:
         self.engine = engine
@@ -205,6 +213,7 @@ class Checkpointing:
         if self.every:
             engine.on("step_end", self._request, every=self.every)
         engine.on("run_end", self._final)
+        engine.on("teardown", lambda state: self.wait())
 
     @property
     def directory(self) -> Path:
@@ -225,11 +234,31 @@ class Checkpointing:
         engine.runtime.wait_for_everyone()
         path = None
         if engine.state.is_main_process:
-            path = write_checkpoint(tree, Path(folder) if folder else self.directory, step, self.keep_last)
+            target = Path(folder) if folder else self.directory
+            path = target / f"{_PREFIX}{step:08d}"
+            if self.background:
+                self.wait()  # one write at a time, in order
+                snapshot = _snapshot(tree)
+                self._pending = self._pool().submit(write_checkpoint, snapshot, target, step, self.keep_last)
+            else:
+                write_checkpoint(tree, target, step, self.keep_last)
             self.last_saved = path
             engine.fire("checkpoint_saved", path=path)
         engine.runtime.wait_for_everyone()
         return path
+
+    def wait(self) -> None:
+        """Block until a background write has finished; re-raise its error, if any."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def _pool(self) -> Any:
+        if self._executor is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hookengine-checkpoint")
+        return self._executor
 
     def _load(self, next_impl: Any, path: str | Path) -> Path:
         path = Path(path)
@@ -268,3 +297,19 @@ class Checkpointing:
     def _final(self, state: Any) -> None:
         if self.save_at_end and (self.last_saved is None or not self.last_saved.name.endswith(f"{state.clock.step:08d}")):
             self.engine.call("save_checkpoint")
+        self.wait()
+
+
+def _snapshot(tree: Any) -> Any:
+    """A copy of ``tree`` whose tensors no longer change as training goes on."""
+    import torch
+
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().to("cpu", copy=True)
+    if isinstance(tree, dict):
+        return {k: _snapshot(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_snapshot(v) for v in tree]
+    if isinstance(tree, tuple):
+        return tuple(_snapshot(v) for v in tree)
+    return copy.deepcopy(tree)
