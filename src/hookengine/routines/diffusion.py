@@ -1,0 +1,602 @@
+"""The diffusion routine: denoising losses with diffusers' schedulers, and samples.
+
+Two kinds of model sets:
+
+- a Stable-Diffusion-style set (``unet``, ``vae``, ``text_encoder``, ``tokenizer``,
+  ``noise_scheduler``), found in ``state.models`` by name or loaded from a pipeline
+  folder; batches hold ``pixel_values`` (or precomputed ``latents``) and ``input_ids``
+  (or precomputed ``encoder_hidden_states``);
+- a pixel-space ``UNet2DModel`` (class-conditional with ``num_class_embeds``, or not);
+  batches hold ``pixel_values`` and maybe ``class_labels``; no VAE.
+
+The loss follows diffusers' training scripts step by step (``train_text_to_image_lora.py``
+for epsilon / v-prediction with min-SNR and noise offset; ``train_dreambooth_lora_sd3.py``
+for flow matching), so with the same random draws it is the same number. Draws come from
+a private ``torch.Generator`` when ``seed`` is given (checkpointed with the routine), else
+from torch's global RNG as in the scripts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from .base import Routine
+
+__all__ = ["DiffusionRoutine", "digits_unet", "image_grid", "save_image_grid", "samples_path"]
+
+PredictionType = Literal["epsilon", "v_prediction", "flow_matching"]
+# Our names for the timestep densities of diffusers' ``compute_density_for_timestep_sampling``.
+_DENSITY = {"uniform": "none", "logit_normal": "logit_normal", "mode": "mode"}
+
+
+def digits_unet(
+    sample_size: int = 8,
+    channels: int = 1,
+    num_classes: int | None = 10,
+    width: int = 32,
+) -> Any:
+    """A small class-conditional ``UNet2DModel`` for 8x8 images (the digits demo)."""
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(
+        sample_size=sample_size,
+        in_channels=channels,
+        out_channels=channels,
+        layers_per_block=1,
+        block_out_channels=(width, 2 * width),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        attention_head_dim=8,
+        num_class_embeds=num_classes,
+    )
+
+
+class DiffusionRoutine(Routine):
+    """Train a denoiser: noise prediction (epsilon), v-prediction or flow matching.
+
+    Args:
+        unet, vae, text_encoder, tokenizer: names of the components in ``state.models``.
+        noise_scheduler: name in ``state.models``, a folder with ``scheduler_config.json``,
+            or a mapping ``{"class": "DDPMScheduler", **config}``; default: the pipeline's
+            scheduler, else ``DDPMScheduler()`` (``FlowMatchEulerDiscreteScheduler()`` for
+            flow matching).
+        pipeline: a pipeline folder (``DiffusionPipeline.from_pretrained``, safetensors
+            only) or the name of a pipeline in ``state.models``; its modules are
+            registered in ``state.models`` under the names above.
+        model, model_options: ``module:attr`` factory of the denoiser (with its keyword
+            arguments) when no ``unet`` is in ``state.models`` (e.g. :func:`digits_unet`).
+        prediction_type: what the model predicts; default: the scheduler's
+            ``prediction_type`` (flow matching for flow-matching schedulers).
+        snr_gamma: min-SNR loss weighting (epsilon and v-prediction).
+        noise_offset: scale of the per-channel offset noise.
+        timestep_sampling: ``uniform``, ``logit_normal`` or ``mode`` (diffusers'
+            ``compute_density_for_timestep_sampling``), with ``logit_mean``,
+            ``logit_std`` and ``mode_scale``.
+        loss_weighting: flow matching's ``compute_loss_weighting_for_sd3`` scheme.
+        precondition_outputs: flow matching: train on ``x0 = noisy - sigma * pred``.
+        train_text_encoder: leave the text encoder trainable (frozen by default).
+        image_key, label_key, latents_key: where images, class labels and precomputed
+            (already scaled) latents are in a batch (dict keys or tuple positions).
+        pixel_range: the range of the images in batches (mapped to [-1, 1]).
+        seed: a private generator for noise and timesteps, ``seed + process index``
+            (``None``: torch's global RNG, as the diffusers scripts).
+        val_seed: seed of the evaluation draws (each evaluation sees the same noise).
+        sample_every: write a sample grid every N optimizer steps (0: never).
+        sample_at_phase_end: also write one when a phase of this routine ends.
+        sample_prompts: prompts of the samples (text-conditioned models).
+        sample_labels: class labels of the samples (default: every class).
+        sample_steps: inference steps; sample_seed: the samples' generator seed.
+        sample_options: more keyword arguments for the pipeline call.
+    """
+
+    name = "diffusion"
+
+    def __init__(
+        self,
+        unet: str = "unet",
+        vae: str = "vae",
+        text_encoder: str = "text_encoder",
+        tokenizer: str = "tokenizer",
+        noise_scheduler: str | dict[str, Any] = "noise_scheduler",
+        pipeline: str | None = None,
+        model: str | None = None,
+        model_options: dict[str, Any] | None = None,
+        prediction_type: PredictionType | None = None,
+        snr_gamma: float | None = None,
+        noise_offset: float = 0.0,
+        timestep_sampling: Literal["uniform", "logit_normal", "mode"] = "uniform",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        mode_scale: float = 1.29,
+        loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none",
+        precondition_outputs: bool = False,
+        train_text_encoder: bool = False,
+        image_key: str | int = "pixel_values",
+        label_key: str | int = "class_labels",
+        latents_key: str | int = "latents",
+        pixel_range: tuple[float, float] = (-1.0, 1.0),
+        seed: int | None = None,
+        val_seed: int = 0,
+        sample_every: int = 0,
+        sample_at_phase_end: bool = True,
+        sample_prompts: list[str] | None = None,
+        sample_labels: list[int] | None = None,
+        sample_steps: int = 20,
+        sample_seed: int = 0,
+        sample_options: dict[str, Any] | None = None,
+    ) -> None:
+        if snr_gamma is not None and prediction_type == "flow_matching":
+            raise ValueError("diffusion.snr_gamma is min-SNR weighting for epsilon/v-prediction; flow matching uses loss_weighting")
+        if pixel_range[0] >= pixel_range[1]:
+            raise ValueError(f"diffusion.pixel_range must be (low, high) with low < high, got {pixel_range}")
+        self.names = {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer}
+        self.scheduler_option = noise_scheduler
+        self.pipeline_option = pipeline
+        self.model_ref, self.model_options = model, dict(model_options or {})
+        self.prediction_option = prediction_type
+        self.snr_gamma = snr_gamma
+        self.noise_offset = noise_offset
+        self.timestep_sampling = timestep_sampling
+        self.density = {"logit_mean": logit_mean, "logit_std": logit_std, "mode_scale": mode_scale}
+        self.loss_weighting = loss_weighting
+        self.precondition_outputs = precondition_outputs
+        self.train_text_encoder = train_text_encoder
+        self.keys = {"image": image_key, "label": label_key, "latents": latents_key}
+        self.pixel_range = (float(pixel_range[0]), float(pixel_range[1]))
+        self.seed, self.val_seed = seed, val_seed
+        self.sample_every = sample_every
+        self.sample_at_phase_end = sample_at_phase_end
+        self.sample_prompts = list(sample_prompts or [])
+        self.sample_labels = sample_labels
+        self.sample_steps = sample_steps
+        self.sample_seed = sample_seed
+        self.sample_options = dict(sample_options or {})
+        self.pipeline: Any = None
+        self.tokenizer: Any = None
+        self.noise_scheduler: Any = None
+        self.generator: Any = None
+        self._eval_generator: Any = None
+        self._last_sampled: int | None = None
+
+    # ------------------------------------------------------------------ wiring
+    def setup(self, engine: Any) -> None:
+        super().setup(engine)
+        # Each evaluation draws the same noise: val losses are comparable over time.
+        engine.attach("evaluate", self._fresh_eval_draws)
+        engine.on("epoch_start", self._frozen_to_eval)
+        if self.sample_every > 0:
+            engine.on("step_end", self._sample_listener, every=self.sample_every)
+        if self.sample_at_phase_end:
+            engine.on("phase_end", self._sample_listener)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()} if self.generator is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "generator" in state and self.generator is not None:
+            self.generator.set_state(state["generator"])
+
+    # ------------------------------------------------------------------- build
+    def build(self, state: Any) -> None:
+        import torch
+
+        self.device = self.engine.runtime.device
+        if self.pipeline_option is not None:
+            self._adopt_pipeline(state, self.pipeline_option)
+        if self.names["unet"] not in state.models:
+            state.models[self.names["unet"]] = self._build_denoiser()
+        if self.names["tokenizer"] in state.models:
+            # Not an nn.Module either (checkpoints call state_dict on every model).
+            self.tokenizer = state.models.pop(self.names["tokenizer"])
+        self.noise_scheduler = self._make_scheduler(state)
+        self.prediction_type = self._resolve_prediction_type()
+        vae = self._component("vae")
+        if vae is not None:
+            vae.requires_grad_(False)
+        text_encoder = self._component("text_encoder")
+        if text_encoder is not None:
+            text_encoder.requires_grad_(self.train_text_encoder)
+        if self.seed is not None:
+            # One stream per process: ranks must not draw the same noise for different images.
+            seed = self.seed + self.engine.runtime.process_index
+            self.generator = torch.Generator(device=self.device).manual_seed(seed)
+
+    def _adopt_pipeline(self, state: Any, option: str) -> None:
+        """Take a pipeline's modules into ``state.models``; keep tokenizer and scheduler here."""
+        if option in state.models:
+            # A pipeline is not an nn.Module (no state_dict): its modules replace it.
+            pipeline = state.models.pop(option)
+        else:
+            pipeline = self._load_pipeline(option)
+        self.pipeline = pipeline
+        components = getattr(pipeline, "components", {})
+        for role in ("unet", "vae", "text_encoder"):
+            module = components.get(role)
+            if module is not None and self.names[role] not in state.models:
+                state.models[self.names[role]] = module
+        self.tokenizer = components.get("tokenizer")
+
+    @staticmethod
+    def _load_pipeline(path: str) -> Any:
+        from diffusers import DiffusionPipeline
+
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"diffusion.pipeline: {path!r} is neither a folder nor a model in state.models")
+        return DiffusionPipeline.from_pretrained(path, use_safetensors=True)
+
+    def _build_denoiser(self) -> Any:
+        from ..plugins import resolve
+
+        if self.model_ref is None:
+            raise ValueError(
+                f"diffusion: no model {self.names['unet']!r} in state.models; give pipeline=, "
+                "model= (a module:attr factory) or load one with model_loader"
+            )
+        return resolve(self.model_ref)(**self.model_options)
+
+    def _make_scheduler(self, state: Any) -> Any:
+        """The training noise scheduler from the option, the pipeline, or a default."""
+        import diffusers
+
+        option = self.scheduler_option
+        if isinstance(option, dict):
+            config = dict(option)
+            return _scheduler_class(config.pop("class", "DDPMScheduler"), "diffusion.noise_scheduler.class")(**config)
+        if option in state.models:
+            # A scheduler is not an nn.Module (no state_dict for checkpoints): take it out.
+            return state.models.pop(option)
+        config_file = Path(option) / "scheduler_config.json"
+        if config_file.is_file():
+            name = json.loads(config_file.read_text()).get("_class_name", "DDPMScheduler")
+            return _scheduler_class(name, str(config_file)).from_pretrained(option)
+        if self.pipeline is not None and getattr(self.pipeline, "scheduler", None) is not None:
+            return self.pipeline.scheduler
+        if self.prediction_option == "flow_matching":
+            return diffusers.FlowMatchEulerDiscreteScheduler()
+        return diffusers.DDPMScheduler()
+
+    def _resolve_prediction_type(self) -> str:
+        config = self.noise_scheduler.config
+        flow = "FlowMatch" in type(self.noise_scheduler).__name__
+        prediction = self.prediction_option or ("flow_matching" if flow else config.get("prediction_type", "epsilon"))
+        if prediction == "flow_matching" and not flow:
+            raise ValueError(
+                f"diffusion.prediction_type=flow_matching needs a flow-matching scheduler, got {type(self.noise_scheduler).__name__}"
+            )
+        if prediction == "flow_matching" and self.snr_gamma is not None:
+            raise ValueError("diffusion.snr_gamma is min-SNR weighting for epsilon/v-prediction; flow matching uses loss_weighting")
+        if prediction != "flow_matching":
+            if flow:
+                raise ValueError(f"diffusion.prediction_type={prediction!r} does not fit {type(self.noise_scheduler).__name__}")
+            if prediction not in ("epsilon", "v_prediction"):
+                raise ValueError(f"diffusion: unsupported prediction_type {prediction!r}; use epsilon, v_prediction or flow_matching")
+            # As the scripts do: samplers made from this config then predict the same thing.
+            self.noise_scheduler.register_to_config(prediction_type=prediction)
+        return prediction
+
+    def _component(self, role: str) -> Any:
+        return self.engine.state.models.get(self.names[role])
+
+    def _frozen_to_eval(self, state: Any) -> None:
+        # The loop puts every model in train mode; frozen encoders stay in eval mode.
+        for role in ("vae", "text_encoder"):
+            module = self._component(role)
+            if module is not None and not any(p.requires_grad for p in module.parameters()):
+                module.eval()
+
+    # -------------------------------------------------------------------- loss
+    def loss(self, batch: Any) -> Any:
+        return self.denoising_loss(batch, self.generator)
+
+    def metrics(self, batch: Any) -> dict[str, float]:
+        import torch
+
+        if self._eval_generator is None:
+            self._eval_generator = torch.Generator(device=self.device).manual_seed(self.val_seed)
+        return {"val_loss": float(self.denoising_loss(batch, self._eval_generator))}
+
+    def _fresh_eval_draws(self, next_impl: Any, *args: Any, **kwargs: Any) -> Any:
+        self._eval_generator = None
+        return next_impl(*args, **kwargs)
+
+    def denoising_loss(self, batch: Any, generator: Any = None) -> Any:
+        """The loss of one batch, drawing noise and timesteps from ``generator``."""
+        clean = self.clean_input(batch, generator)
+        noise = self.draw_noise(clean, generator)
+        if self.prediction_type == "flow_matching":
+            return self._flow_loss(batch, clean, noise, generator)
+        timesteps = self.draw_timesteps(clean.shape[0], clean.device, generator)
+        noisy = self.noise_scheduler.add_noise(clean, noise, timesteps)
+        conditioning = self.conditioning(batch)
+        if self.prediction_type == "epsilon":
+            target = noise
+        else:
+            target = self.noise_scheduler.get_velocity(clean, noise, timesteps)
+        prediction = self.predict(noisy, timesteps, conditioning)
+        return self._weighted_mse(prediction, target, timesteps)
+
+    def _flow_loss(self, batch: Any, clean: Any, noise: Any, generator: Any) -> Any:
+        import torch
+        from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+        timesteps, sigmas = self.draw_flow_timesteps(clean, generator)
+        noisy = (1.0 - sigmas) * clean + sigmas * noise
+        prediction = self.predict(noisy, timesteps, self.conditioning(batch))
+        if self.precondition_outputs:
+            prediction = prediction * (-sigmas) + noisy
+            target = clean
+        else:
+            target = noise - clean
+        weighting = compute_loss_weighting_for_sd3(weighting_scheme=self.loss_weighting, sigmas=sigmas)
+        per_sample = torch.mean((weighting.float() * (prediction.float() - target.float()) ** 2).reshape(target.shape[0], -1), 1)
+        return per_sample.mean()
+
+    def _weighted_mse(self, prediction: Any, target: Any, timesteps: Any) -> Any:
+        import torch
+        import torch.nn.functional as F
+
+        if self.snr_gamma is None:
+            return F.mse_loss(prediction.float(), target.float(), reduction="mean")
+        from diffusers.training_utils import compute_snr
+
+        # Min-SNR (arXiv 2303.09556, section 4.2 for epsilon; +1 for the velocity objective).
+        snr = compute_snr(self.noise_scheduler, timesteps)
+        weights = torch.stack([snr, self.snr_gamma * torch.ones_like(timesteps)], dim=1).min(dim=1)[0]
+        weights = weights / snr if self.prediction_type == "epsilon" else weights / (snr + 1)
+        loss = F.mse_loss(prediction.float(), target.float(), reduction="none")
+        return (loss.mean(dim=list(range(1, loss.ndim))) * weights).mean()
+
+    # ------------------------------------------------------------- the pieces
+    def clean_input(self, batch: Any, generator: Any = None) -> Any:
+        """What gets noised: VAE latents (scaled) or pixels in [-1, 1]."""
+        import torch
+
+        latents = _get(batch, self.keys["latents"])
+        if latents is not None:
+            return latents.to(self.device)
+        pixels = _get(batch, self.keys["image"])
+        if pixels is None:
+            raise KeyError(f"diffusion: the batch has neither {self.keys['image']!r} nor {self.keys['latents']!r}")
+        pixels = self._to_unit_range(pixels.to(self.device).float())
+        vae = self._component("vae")
+        if vae is None:
+            return pixels
+        with torch.no_grad():
+            latents = vae.encode(pixels.to(dtype=vae.dtype)).latent_dist.sample(generator=generator)
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * vae.config.scaling_factor if shift else latents * vae.config.scaling_factor
+
+    def _to_unit_range(self, pixels: Any) -> Any:
+        low, high = self.pixel_range
+        if (low, high) == (-1.0, 1.0):
+            return pixels
+        return (pixels - low) / (high - low) * 2.0 - 1.0
+
+    def draw_noise(self, clean: Any, generator: Any = None) -> Any:
+        """Gaussian noise like ``clean``, plus the per-channel offset noise when asked."""
+        import torch
+
+        noise = torch.randn(clean.shape, generator=generator, device=clean.device, dtype=clean.dtype)
+        if self.noise_offset:
+            offset = torch.randn((clean.shape[0], clean.shape[1], 1, 1), generator=generator, device=clean.device)
+            noise = noise + self.noise_offset * offset
+        return noise
+
+    def _density(self, batch_size: int, generator: Any) -> Any:
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        device = generator.device if generator is not None else "cpu"
+        return compute_density_for_timestep_sampling(
+            weighting_scheme=_DENSITY[self.timestep_sampling],
+            batch_size=batch_size,
+            device=device,
+            generator=generator,
+            **self.density,
+        )
+
+    def draw_timesteps(self, batch_size: int, device: Any, generator: Any = None) -> Any:
+        """Integer timesteps of a DDPM-style scheduler, one per sample."""
+        import torch
+
+        count = self.noise_scheduler.config.num_train_timesteps
+        if self.timestep_sampling == "uniform":
+            return torch.randint(0, count, (batch_size,), device=device, generator=generator).long()
+        u = self._density(batch_size, generator)
+        return (u * count).long().clamp(max=count - 1).to(device)
+
+    def draw_flow_timesteps(self, clean: Any, generator: Any = None) -> tuple[Any, Any]:
+        """Flow-matching timesteps and their sigmas (shaped to broadcast over ``clean``)."""
+        scheduler = self.noise_scheduler
+        u = self._density(clean.shape[0], generator)
+        indices = (u * scheduler.config.num_train_timesteps).long().cpu()
+        timesteps = scheduler.timesteps[indices].to(clean.device)
+        sigmas = scheduler.sigmas[indices].to(device=clean.device, dtype=clean.dtype)
+        return timesteps, sigmas.reshape(-1, *([1] * (clean.ndim - 1)))
+
+    def conditioning(self, batch: Any) -> dict[str, Any]:
+        """Keyword arguments for the denoiser: text embeddings and/or class labels."""
+        import torch
+
+        conditioning: dict[str, Any] = {}
+        hidden = _get(batch, "encoder_hidden_states")
+        input_ids = _get(batch, "input_ids")
+        if hidden is None and input_ids is not None:
+            text_encoder = self._component("text_encoder")
+            if text_encoder is None:
+                raise KeyError(f"diffusion: batches have input_ids but there is no {self.names['text_encoder']!r} model")
+            frozen = not self.train_text_encoder
+            with torch.no_grad() if frozen else contextlib.nullcontext():
+                hidden = text_encoder(input_ids.to(self.device), return_dict=False)[0]
+        if hidden is not None:
+            conditioning["encoder_hidden_states"] = hidden.to(self.device)
+        labels = _get(batch, self.keys["label"])
+        if labels is not None and self._takes_class_labels():
+            conditioning["class_labels"] = labels.to(self.device)
+        return conditioning
+
+    def _takes_class_labels(self) -> bool:
+        unet = self.engine.runtime.unwrap(self._component("unet"))
+        config = getattr(unet, "config", {})
+        return bool(config.get("num_class_embeds") or config.get("class_embed_type"))
+
+    def predict(self, noisy: Any, timesteps: Any, conditioning: dict[str, Any]) -> Any:
+        """The denoiser's output for a noisy batch."""
+        return self._component("unet")(noisy, timesteps, **conditioning, return_dict=False)[0]
+
+    # ----------------------------------------------------------------- samples
+    def sample(
+        self,
+        labels: list[int] | None = None,
+        prompts: list[str] | None = None,
+        steps: int | None = None,
+        seed: int | None = None,
+    ) -> Any:
+        """Generate images (a float tensor ``N, C, H, W`` in [0, 1]) with the current model.
+
+        A text-conditioned set goes through its diffusers pipeline with ``prompts``; a
+        pixel-space UNet runs a DDIM (or flow-matching Euler) loop over class ``labels``.
+        """
+        import torch
+
+        from ..state import capture_rng, restore_rng
+
+        steps = steps or self.sample_steps
+        generator = torch.Generator(device=self.device).manual_seed(self.sample_seed if seed is None else seed)
+        models = [m for m in self.engine.state.models.values() if hasattr(m, "eval")]
+        modes = [m.training for m in models]
+        rng = capture_rng()  # sampling must not shift the training RNG stream
+        try:
+            for m in models:
+                m.eval()
+            with torch.no_grad():
+                if self._component("vae") is not None:
+                    return self._sample_pipeline(prompts or self.sample_prompts or [""], steps, generator)
+                return self._sample_pixels(labels, steps, generator)
+        finally:
+            restore_rng(rng)
+            for m, mode in zip(models, modes):
+                m.train(mode)
+
+    def _sample_pipeline(self, prompts: list[str], steps: int, generator: Any) -> Any:
+        pipeline = self._inference_pipeline()
+        out = pipeline(prompts, num_inference_steps=steps, generator=generator, output_type="pt", **self.sample_options)
+        return out.images.float().cpu()
+
+    def _inference_pipeline(self) -> Any:
+        """A pipeline over the current (unwrapped) modules."""
+        unwrap = self.engine.runtime.unwrap
+        modules = {role: unwrap(self._component(role)) for role in ("unet", "vae", "text_encoder")}
+        if self.pipeline is not None:
+            pipeline = type(self.pipeline)(**{**self.pipeline.components, **modules})
+        else:
+            from diffusers import StableDiffusionPipeline
+
+            if self.tokenizer is None:
+                raise ValueError(f"diffusion: sampling from prompts needs a tokenizer ({self.names['tokenizer']!r})")
+            pipeline = StableDiffusionPipeline(
+                **modules, tokenizer=self.tokenizer, scheduler=self.noise_scheduler,
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            )
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline
+
+    def _sample_pixels(self, labels: list[int] | None, steps: int, generator: Any) -> Any:
+        import torch
+
+        unet = self.engine.runtime.unwrap(self._component("unet"))
+        config = unet.config
+        classes = config.get("num_class_embeds")
+        if labels is None:
+            labels = self.sample_labels if self.sample_labels is not None else list(range(classes or 8))
+        size = config.sample_size if isinstance(config.sample_size, (tuple, list)) else (config.sample_size,) * 2
+        scheduler = self._inference_scheduler(steps)
+        x = torch.randn((len(labels), config.in_channels, *size), generator=generator, device=self.device)
+        x = x * scheduler.init_noise_sigma
+        extra = {"class_labels": torch.tensor(labels, device=self.device)} if classes else {}
+        for t in scheduler.timesteps:
+            model_input = scheduler.scale_model_input(x, t)
+            output = unet(model_input, t.to(self.device), **extra, return_dict=False)[0]
+            x = scheduler.step(output, t, x, generator=generator).prev_sample
+        return ((x.float().cpu() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+    def _inference_scheduler(self, steps: int) -> Any:
+        from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+        cls = FlowMatchEulerDiscreteScheduler if self.prediction_type == "flow_matching" else DDIMScheduler
+        scheduler = cls.from_config(self.noise_scheduler.config)
+        scheduler.set_timesteps(steps, device=self.device)
+        return scheduler
+
+    def _sample_listener(self, state: Any) -> None:
+        if not state.is_main_process or not self.active() or self._last_sampled == state.clock.step:
+            return
+        self._last_sampled = state.clock.step
+        self.write_samples(state)
+
+    def write_samples(self, state: Any) -> Path:
+        """Sample and write a grid to ``RUN_DIR/samples/step-XXXX.png``; returns the path."""
+        path = samples_path(state, "png")
+        save_image_grid(self.sample(), path)
+        self.engine.fire("samples_written", path=path)
+        return path
+
+
+# ----------------------------------------------------------------------- helpers
+def _scheduler_class(name: str, where: str) -> Any:
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if cls is None or not hasattr(cls, "add_noise") and not hasattr(cls, "scale_noise"):
+        raise ValueError(f"{where}: {name!r} is not a diffusers noise scheduler class (e.g. DDPMScheduler)")
+    return cls
+
+
+def samples_path(state: Any, extension: str) -> Path:
+    """``RUN_DIR/samples/step-XXXX.<extension>`` for the current optimizer step."""
+    return Path(state.run_dir or "runs/default") / "samples" / f"step-{state.clock.step:04d}.{extension}"
+
+
+def _get(batch: Any, key: str | int) -> Any:
+    """``batch[key]`` for dict batches and tuple batches; ``None`` when it is not there."""
+    if isinstance(key, int):
+        return batch[key] if isinstance(batch, (list, tuple)) and -len(batch) <= key < len(batch) else None
+    if hasattr(batch, "get"):
+        return batch.get(key)
+    return None
+
+
+def image_grid(images: Any, columns: int | None = None, min_tile: int = 64) -> Any:
+    """A PIL image of ``images`` (``N, C, H, W`` floats in [0, 1]) in a grid.
+
+    Tiny images are enlarged (nearest neighbour) so each tile is at least ``min_tile`` pixels.
+    """
+    import math
+
+    import numpy as np
+    from PIL import Image
+
+    n, channels, height, width = images.shape
+    columns = columns or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / columns)
+    scale = max(1, math.ceil(min_tile / max(height, width)))
+    array = (images.detach().float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    grid = np.zeros((rows * height, columns * width, channels), dtype=np.uint8)
+    for i in range(n):
+        r, c = divmod(i, columns)
+        grid[r * height:(r + 1) * height, c * width:(c + 1) * width] = array[i].transpose(1, 2, 0)
+    image = Image.fromarray(grid[..., 0] if channels == 1 else grid)
+    return image.resize((image.width * scale, image.height * scale), Image.NEAREST) if scale > 1 else image
+
+
+def save_image_grid(images: Any, path: str | Path, columns: int | None = None) -> Path:
+    """Write :func:`image_grid` as a PNG (to a temporary name, then renamed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    image_grid(images, columns).save(partial, format="PNG")
+    partial.replace(path)
+    return path

@@ -1,0 +1,257 @@
+"""Distillation from several teachers: logit (KL) and feature (MSE) losses, scheduled.
+
+loss = Σ_k w_k(t) · T(t)² · KL(softmax(teacher_k / T) ‖ softmax(student / T))
+     + feature_weight(t) · Σ_k w_k(t) · Σ_layers MSE(student feature, teacher_k feature)
+     + hard_weight(t) · CE(student, targets)
+
+with ``t = state.clock.step``. Teacher weights, the temperature and the other weights are
+schedules (a number, a callable, ``module:attr`` or ``{"schedule": NAME, ...}``); they are
+not normalised. Teachers run in eval mode without gradients; they come from
+``state.models`` or, when a model cache plugin holds them, from ``cache.acquire``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator
+
+from .base import Routine
+
+__all__ = ["Distillation", "kd_loss"]
+
+
+def kd_loss(student_logits: Any, teacher_logits: Any, temperature: float) -> Any:
+    """``T² · KL(softmax(teacher / T) ‖ softmax(student / T))``, averaged over samples (and tokens)."""
+    import torch.nn.functional as F
+
+    vocab = student_logits.shape[-1]
+    student = F.log_softmax(student_logits.float().reshape(-1, vocab) / temperature, dim=-1)
+    teacher = F.log_softmax(teacher_logits.float().reshape(-1, vocab) / temperature, dim=-1)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * temperature**2
+
+
+def _logits(output: Any) -> Any:
+    """The logits of a model output: a tensor, an output object with ``.logits``, or a tuple's first item."""
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    return output
+
+
+class Distillation(Routine):
+    """Train ``student`` to match several teachers (logits and, optionally, features).
+
+    Args:
+        student: the student's name in ``state.models``.
+        teachers: teacher names (weight 1 each) or name -> weight schedule.
+        model, model_options: ``module:attr`` factory of the student when it is not in
+            ``state.models`` yet.
+        temperature: the softmax temperature (a schedule).
+        logit_weight: weight of the summed KL terms (a schedule).
+        features: student module path -> teacher module path whose outputs are matched
+            with MSE (the same path in every teacher).
+        feature_weight: weight of the feature terms (a schedule).
+        hard_weight: weight of the cross entropy against the batch's targets (a schedule).
+        inputs, targets: keys (dict batches) or positions (tuple batches) of the model
+            input and of the labels (``None``: no labels). ``inputs=None`` passes a dict
+            batch, less its targets, as keyword arguments.
+        cache: the name of the model cache plugin to fetch teachers from.
+    """
+
+    name = "distill"
+
+    def __init__(
+        self,
+        teachers: list[str] | dict[str, Any],
+        student: str = "student",
+        model: str | None = None,
+        model_options: dict[str, Any] | None = None,
+        temperature: Any = 1.0,
+        logit_weight: Any = 1.0,
+        features: dict[str, str] | None = None,
+        feature_weight: Any = 1.0,
+        hard_weight: Any = 0.0,
+        inputs: str | int | None = 0,
+        targets: str | int | None = 1,
+        cache: str = "model_cache",
+    ) -> None:
+        from ..sched.optim import value_schedule
+
+        if not teachers:
+            raise ValueError("distill.teachers: name at least one teacher")
+        weights = teachers if isinstance(teachers, dict) else {name: 1.0 for name in teachers}
+        self.teacher_weights = {n: value_schedule(w, f"distill.teachers.{n}") for n, w in weights.items()}
+        self.student_name = student
+        self.model_ref, self.model_options = model, dict(model_options or {})
+        self.temperature = value_schedule(temperature, "distill.temperature")
+        self.logit_weight = value_schedule(logit_weight, "distill.logit_weight")
+        self.features = dict(features or {})
+        self.feature_weight = value_schedule(feature_weight, "distill.feature_weight")
+        self.hard_weight = value_schedule(hard_weight, "distill.hard_weight")
+        self.inputs, self.targets = inputs, targets
+        self.cache_name = cache
+        self._captured: dict[int, dict[str, Any]] = {}  # id(model) -> module path -> output
+        self._hooked: set[int] = set()
+
+    # ------------------------------------------------------------------- build
+    def build(self, state: Any) -> None:
+        from ..plugins import resolve
+
+        self.device = self.engine.runtime.device
+        if self.student_name not in state.models:
+            if self.model_ref is None:
+                raise ValueError(f"distill: no student {self.student_name!r} in state.models; give model= (a module:attr factory)")
+            state.models[self.student_name] = resolve(self.model_ref)(**self.model_options)
+        cache = self._cache()
+        for name in self.teacher_weights:
+            teacher = self._teacher_object(name, cache)
+            teacher.requires_grad_(False)  # never in the optimizer, never a graph
+        self._hook_features(state.models[self.student_name], list(self.features))
+
+    def _cache(self) -> Any:
+        cache = self.engine.plugins.get(self.cache_name)
+        return cache if cache is not None and hasattr(cache, "acquire") else None
+
+    def _in_cache(self, name: str, cache: Any) -> bool:
+        return cache is not None and name in cache.names()
+
+    def _teacher_object(self, name: str, cache: Any) -> Any:
+        if self._in_cache(name, cache):
+            return cache.model(name)
+        if name in self.engine.state.models:
+            return self.engine.runtime.unwrap(self.engine.state.models[name])
+        where = f" or in the model cache {self.cache_name!r}" if cache is not None else ""
+        raise KeyError(f"distill: no teacher {name!r} in state.models{where}; models: {sorted(self.engine.state.models)}")
+
+    @contextlib.contextmanager
+    def teacher(self, name: str) -> Iterator[Any]:
+        """The teacher ready to run: on the device (through the cache when it holds it), in eval mode."""
+        cache = self._cache()
+        if self._in_cache(name, cache):
+            with cache.acquire(name, str(self.device)) as model:
+                yield self._ready(model)
+        else:
+            yield self._ready(self._teacher_object(name, cache))
+
+    def _ready(self, model: Any) -> Any:
+        if model.training:  # the loop puts every registered model in train mode
+            model.eval()
+        self._hook_features(model, list(self.features.values()))
+        return model
+
+    # --------------------------------------------------------------- features
+    def _hook_features(self, model: Any, paths: list[str]) -> None:
+        """Keep the outputs of the named submodules of ``model`` on each forward."""
+        model = self.engine.runtime.unwrap(model)
+        if not paths or id(model) in self._hooked:
+            return
+        store = self._captured.setdefault(id(model), {})
+        for path in paths:
+            try:
+                module = model.get_submodule(path)
+            except AttributeError:
+                raise KeyError(f"distill.features: {type(model).__name__} has no submodule {path!r}") from None
+            module.register_forward_hook(_capture(store, path))
+        self._hooked.add(id(model))
+
+    def _features_of(self, model: Any) -> dict[str, Any]:
+        return self._captured.get(id(self.engine.runtime.unwrap(model)), {})
+
+    # -------------------------------------------------------------------- loss
+    def _split(self, batch: Any) -> tuple[Any, Any]:
+        targets = None if self.targets is None else batch[self.targets]
+        if self.inputs is None:
+            inputs = {k: v.to(self.device) for k, v in batch.items() if k != self.targets}
+        else:
+            inputs = batch[self.inputs].to(self.device)
+        return inputs, targets.to(self.device) if targets is not None else None
+
+    @staticmethod
+    def _run(model: Any, inputs: Any) -> Any:
+        return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+
+    def loss(self, batch: Any) -> Any:
+        terms = self.losses(batch)
+        metrics = self.engine.state.metrics
+        metrics["distill_kl"] = terms["kl"].detach()
+        metrics["distill_temperature"] = float(self.temperature(self.engine.state.clock.step))
+        return terms["loss"]
+
+    def losses(self, batch: Any) -> dict[str, Any]:
+        """Every term of the loss of one batch, and their weighted sum as ``loss``."""
+        import torch
+
+        step = self.engine.state.clock.step
+        temperature = float(self.temperature(step))
+        inputs, targets = self._split(batch)
+        student = self.engine.state.models[self.student_name]
+        student_logits = _logits(self._run(student, inputs))
+        student_features = dict(self._features_of(student))
+        kl = student_logits.new_zeros((), dtype=torch.float32)
+        feature = student_logits.new_zeros((), dtype=torch.float32)
+        for name, weight_of in self.teacher_weights.items():
+            weight = float(weight_of(step))
+            if weight == 0.0:
+                continue
+            teacher_logits, teacher_features = self._teacher_outputs(name, inputs)
+            self._check_shape(name, "logits", student_logits, teacher_logits)
+            kl = kl + weight * kd_loss(student_logits, teacher_logits, temperature)
+            feature = feature + weight * self._feature_loss(name, student_features, teacher_features)
+        terms = {"kl": kl, "feature": feature}
+        loss = float(self.logit_weight(step)) * kl
+        if self.features:
+            loss = loss + float(self.feature_weight(step)) * feature
+        hard_weight = float(self.hard_weight(step))
+        if hard_weight:
+            if targets is None:
+                raise ValueError("distill.hard_weight is not 0 but batches have no targets (distill.targets is None)")
+            terms["hard"] = self._hard_loss(student_logits, targets)
+            loss = loss + hard_weight * terms["hard"]
+        terms["loss"] = loss
+        return terms
+
+    def _teacher_outputs(self, name: str, inputs: Any) -> tuple[Any, dict[str, Any]]:
+        import torch
+
+        with self.teacher(name) as teacher, torch.no_grad():
+            logits = _logits(self._run(teacher, inputs))
+            features = dict(self._features_of(teacher))
+        return logits, features
+
+    def _feature_loss(self, name: str, student: dict[str, Any], teacher: dict[str, Any]) -> Any:
+        import torch.nn.functional as F
+
+        total = 0.0
+        for student_path, teacher_path in self.features.items():
+            s, t = student[student_path], teacher[teacher_path]
+            self._check_shape(name, f"feature {teacher_path!r} (student {student_path!r})", s, t)
+            total = total + F.mse_loss(s.float(), t.float())
+        return total
+
+    def _check_shape(self, teacher: str, what: str, student: Any, output: Any) -> None:
+        if tuple(student.shape) != tuple(output.shape):
+            raise ValueError(
+                f"distill: teacher {teacher!r} gives {what} of shape {tuple(output.shape)}, but the student "
+                f"{self.student_name!r} gives {tuple(student.shape)}; teachers must match the student's output shape"
+            )
+
+    @staticmethod
+    def _hard_loss(logits: Any, targets: Any) -> Any:
+        import torch.nn.functional as F
+
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+
+    def metrics(self, batch: Any) -> dict[str, float]:
+        terms = self.losses(batch)
+        out = {"val_loss": float(terms["loss"]), "val_kl": float(terms["kl"])}
+        if "hard" in terms:
+            out["val_hard"] = float(terms["hard"])
+        return out
+
+
+def _capture(store: dict[str, Any], path: str) -> Callable[..., None]:
+    def hook(module: Any, args: Any, output: Any) -> None:
+        store[path] = _logits(output) if not hasattr(output, "shape") else output
+
+    return hook

@@ -1,0 +1,122 @@
+"""Distillation: KL/T² mixture of two teachers with scheduled weights, features, bad shapes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .conftest import quiet_engine
+
+DISTILL = "hookengine.routines.distill:Distillation"
+FEATURES, CLASSES = 12, 5
+
+
+def mlp(classes: int = CLASSES, hidden: int = 16, seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(FEATURES, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+
+
+def batches(count: int = 6, size: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(5)
+    return [(torch.randn((size, FEATURES), generator=generator), torch.randint(0, CLASSES, (size,), generator=generator))
+            for _ in range(count)]
+
+
+def hinton(student: torch.Tensor, teacher: torch.Tensor, t: float) -> torch.Tensor:
+    """The textbook form: KL(p_teacher ‖ p_student) at temperature t, times t², batch mean."""
+    return F.kl_div(F.log_softmax(student / t, dim=-1), F.softmax(teacher / t, dim=-1), reduction="batchmean") * t * t
+
+
+def test_two_teachers_loss_is_the_scheduled_kl_mixture(run_dir: Path) -> None:
+    from hookengine.models.cache import ModelCache
+
+    teacher_a, teacher_b = mlp(seed=1), mlp(seed=2, hidden=32)
+    before = {k: v.clone() for k, v in teacher_b.state_dict().items()}
+    engine = quiet_engine(run_dir, max_steps=5, lr=1e-2)
+    cache = engine.use(ModelCache, name="model_cache")
+    cache.add("teacher_b", teacher_b)  # held by the cache only, not in state.models
+    engine.state.models["teacher_a"] = teacher_a
+    engine.state.models["student"] = mlp(seed=0)
+    engine.use(
+        DISTILL, name="distill",
+        teachers={"teacher_a": {"schedule": "linear", "start": 1.0, "end": 0.0, "steps": 4}, "teacher_b": 0.5},
+        temperature={"schedule": "linear", "start": 4.0, "end": 2.0, "steps": 4},
+    )
+    engine.on("setup", lambda state: state.dataloaders.update(train=batches()))
+    checked: list[int] = []
+
+    @engine.attach("compute_loss")
+    def compare(next_impl, batch):
+        loss = next_impl(batch)
+        step = engine.state.clock.step
+        t, weight_a = 4.0 - 0.5 * min(step, 4), 1.0 - min(step, 4) / 4
+        x = batch[0]
+        with torch.no_grad():
+            student = engine.state.models["student"](x)
+            expected = weight_a * hinton(student, teacher_a(x), t) + 0.5 * hinton(student, teacher_b(x), t)
+        torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
+        checked.append(step)
+        return loss
+
+    acquired: list[str] = []
+    cache.subscribe(lambda event, **payload: acquired.append(event))
+    engine.run()
+    assert checked == [0, 1, 2, 3, 4]
+    assert engine.state.metrics["distill_temperature"] == 2.0
+    assert not teacher_a.training and not teacher_b.training
+    assert all(not p.requires_grad for p in [*teacher_a.parameters(), *teacher_b.parameters()])
+    assert all(torch.equal(v, teacher_b.state_dict()[k]) for k, v in before.items())
+    assert cache.stats["hits"] + cache.stats["misses"] >= 5  # teacher_b came through acquire
+
+
+def test_feature_and_hard_losses(run_dir: Path) -> None:
+    from hookengine import Engine
+
+    engine = Engine(seed=0, run_dir=run_dir)
+    student, teacher = mlp(seed=0), mlp(seed=3)
+    engine.state.models.update(student=student, teacher=teacher)
+    engine.use(DISTILL, name="distill", teachers=["teacher"], temperature=2.0, logit_weight=0.7,
+               features={"0": "0", "1": "1"}, feature_weight=0.3, hard_weight=0.2)
+    engine.fire("setup")
+    x, y = batches(1)[0]
+    loss = engine.call("compute_loss", (x, y))
+    with torch.no_grad():
+        s0, t0 = student[0](x), teacher[0](x)
+        s2, t2 = student(x), teacher(x)
+        expected = (0.7 * hinton(s2, t2, 2.0) + 0.3 * (F.mse_loss(s0, t0) + F.mse_loss(s0.relu(), t0.relu()))
+                    + 0.2 * F.cross_entropy(s2, y))
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
+    loss.backward()
+    assert student[0].weight.grad is not None and teacher[0].weight.grad is None
+
+
+def test_teacher_with_other_output_shape_is_a_clear_error(run_dir: Path) -> None:
+    from hookengine import Engine
+
+    engine = Engine(seed=0, run_dir=run_dir)
+    engine.state.models.update(student=mlp(), good=mlp(seed=1), wide=mlp(classes=7, seed=2))
+    engine.use(DISTILL, name="distill", teachers=["good", "wide"])
+    engine.fire("setup")
+    with pytest.raises(ValueError, match=r"teacher 'wide' gives logits of shape \(8, 7\), but the student 'student' gives \(8, 5\)"):
+        engine.call("compute_loss", batches(1)[0])
+
+
+def test_feature_shape_mismatch_and_missing_teacher_are_clear_errors(run_dir: Path) -> None:
+    from hookengine import Engine
+
+    engine = Engine(seed=0, run_dir=run_dir)
+    engine.state.models.update(student=mlp(hidden=16), teacher=mlp(hidden=32, seed=1))
+    engine.use(DISTILL, name="distill", teachers=["teacher"], features={"0": "0"})
+    engine.fire("setup")
+    with pytest.raises(ValueError, match=r"teacher 'teacher' gives feature '0' \(student '0'\) of shape \(8, 32\), but .* \(8, 16\)"):
+        engine.call("compute_loss", batches(1)[0])
+
+    other = Engine(seed=0, run_dir=run_dir)
+    other.state.models["student"] = mlp()
+    other.use(DISTILL, name="distill", teachers=["nobody"])
+    with pytest.raises(KeyError, match="no teacher 'nobody' in state.models"):
+        other.fire("setup")
