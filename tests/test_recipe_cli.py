@@ -16,7 +16,7 @@ from hookengine.recipe import RecipeError, apply_recipe, load_recipe
 
 
 def test_demo_recipe_loads_and_overrides_apply() -> None:
-    recipe = load_recipe(None, ["trainer.lr=1e-4", "plugins.digits.batch_size=64", "name=other"])
+    recipe = load_recipe("digits_classifier", ["trainer.lr=1e-4", "plugins.digits.batch_size=64", "name=other"])
     assert recipe.trainer["lr"] == 1e-4
     assert recipe.plugins["digits"]["batch_size"] == 64
     assert recipe.run_dir.format(name=recipe.name) == "runs/other"
@@ -38,7 +38,7 @@ def test_demo_recipe_loads_and_overrides_apply() -> None:
     ],
 )
 def test_broken_recipes_name_the_key(change: dict, message: str) -> None:
-    data = yaml.safe_load(Path(__file__).parents[1].joinpath("src/hookengine/recipes/demo.yaml").read_text())
+    data = yaml.safe_load(Path(__file__).parents[1].joinpath("src/hookengine/recipes/digits_classifier.yaml").read_text())
     for key, value in change.items():
         if isinstance(value, dict) and isinstance(data.get(key), dict) and key != "runtime":
             data[key] = {**data[key], **value}
@@ -51,6 +51,8 @@ def test_broken_recipes_name_the_key(change: dict, message: str) -> None:
 def test_unreadable_recipes(tmp_path: Path) -> None:
     with pytest.raises(RecipeError, match="does not exist"):
         load_recipe(tmp_path / "missing.yaml")
+    with pytest.raises(RecipeError, match=r"does not exist \(did you mean 'digits_classifier'\?\)"):
+        load_recipe("digits_clasifier")
     bad = tmp_path / "bad.yaml"
     bad.write_text("trainer: [unclosed")
     with pytest.raises(RecipeError, match="bad.yaml is not valid YAML"):
@@ -79,7 +81,7 @@ def test_cli_version_and_plugins(capsys) -> None:
 
 
 def test_cli_hooks_lists_points_plugins_and_order(capsys) -> None:
-    assert main(["hooks"]) == 0
+    assert main(["hooks", "digits_classifier"]) == 0
     out = capsys.readouterr().out
     assert "slot compute_loss" in out and "classifier: hookengine.routines.base:Routine._compute_loss" in out
     assert "slot run" in out and "trainer: hookengine.loop:TrainingLoop._run  [priority=-1000]" in out
@@ -87,10 +89,10 @@ def test_cli_hooks_lists_points_plugins_and_order(capsys) -> None:
 
 
 @pytest.mark.slow
-def test_demo_runs_from_the_command_line_and_learns(tmp_path: Path) -> None:
-    """The README's main job: `hookengine run` with no recipe."""
+def test_classifier_recipe_runs_from_the_command_line_and_learns(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "hookengine", "run", "--run-dir", str(tmp_path / "demo"), "--set", "progress.enabled=false"],
+        [sys.executable, "-m", "hookengine", "run", "digits_classifier", "--run-dir", str(tmp_path / "demo"),
+         "--set", "progress.enabled=false"],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr

@@ -77,9 +77,15 @@ def _read(source: Any) -> dict[str, Any]:
         return copy.deepcopy(dict(source))
     else:
         path = Path(source)
-        if not path.is_file():
-            raise RecipeError(f"recipe file {path} does not exist")
-        text, origin = path.read_text(), str(path)
+        shipped = resources.files("hookengine.recipes").joinpath(f"{source}.yaml")
+        if not path.is_file() and path.suffix == "" and shipped.is_file():
+            text, origin = shipped.read_text(), f"the shipped recipe {source!r}"  # e.g. digits_classifier
+        elif not path.is_file():
+            names = sorted(p.name.removesuffix(".yaml") for p in resources.files("hookengine.recipes").iterdir()
+                           if p.name.endswith(".yaml"))
+            raise RecipeError(f"recipe file {path} does not exist{closest(str(source), names)}; shipped recipes: {names}")
+        else:
+            text, origin = path.read_text(), str(path)
     try:
         data = _yaml(text)
     except yaml.YAMLError as exc:

@@ -77,12 +77,14 @@ class Assignment:
 
 
 # --------------------------------------------------------------------------- checks
-def check_step(step: int, name: str = "step") -> None:
-    """Raise :class:`BucketError` unless ``step`` is a positive multiple of 8."""
-    if not isinstance(step, (int, np.integer)) or step <= 0 or step % VAE_FACTOR:
+def check_step(step: int, name: str = "step", multiple: int = VAE_FACTOR) -> None:
+    """Raise :class:`BucketError` unless ``step`` is a positive multiple of ``multiple``
+    (8 for latent models; pixel-space models may use 4)."""
+    if not isinstance(step, (int, np.integer)) or step <= 0 or step % multiple:
+        hint = "use 8, 16, 32 or 64" if multiple == VAE_FACTOR else f"use a multiple of {multiple}"
         raise BucketError(
-            f"bucketing.{name}={step!r} is not a positive multiple of {VAE_FACTOR} "
-            f"(latent models downsample by {VAE_FACTOR}); use 8, 16, 32 or 64"
+            f"bucketing.{name}={step!r} is not a positive multiple of {multiple} "
+            f"(latent models downsample by {VAE_FACTOR}; set pixel_space: true for pixel models); {hint}"
         )
 
 
@@ -324,14 +326,16 @@ def area_bucket_resolutions(
     resolution: int,
     align: int = 64,
     max_aspect: float = 4.0,
+    multiple: int = VAE_FACTOR,
 ) -> list[tuple[int, int]]:
-    """Buckets of about ``resolution ** 2`` pixels, sides multiples of ``align``.
+    """Buckets of about ``resolution ** 2`` pixels, sides multiples of ``align``
+    (itself a multiple of ``multiple``: 8 for latent models, 4 for pixel-space ones).
 
     For each aligned width the height is the aligned value nearest ``resolution**2 /
     width``; pairs whose aspect ratio exceeds ``max_aspect`` either way are left out.
     The square (``resolution`` rounded to ``align``) is always in.
     """
-    check_step(align, "align")
+    check_step(align, "align", multiple)
     if resolution < align:
         raise BucketError(f"bucketing.resolution={resolution} is smaller than bucketing.align={align}")
     if max_aspect < 1:
@@ -357,6 +361,7 @@ def area_assign(
     weights: Sequence[float] | None = None,
     policy: Literal["random", "fit"] = "fit",
     align: int = 64,
+    multiple: int = VAE_FACTOR,
     max_aspect: float = 4.0,
     seed: int = 0,
     epoch: int = 0,
@@ -374,7 +379,7 @@ def area_assign(
     if not resolutions:
         raise BucketError("bucketing.resolutions is empty")
     res = np.asarray(sorted(set(int(r) for r in resolutions)), dtype=np.int64)
-    tables = [np.asarray(area_bucket_resolutions(int(r), align, max_aspect), dtype=np.int64) for r in res]
+    tables = [np.asarray(area_bucket_resolutions(int(r), align, max_aspect, multiple), dtype=np.int64) for r in res]
     table = np.concatenate(tables)
     seg_start = np.cumsum([0] + [len(t) for t in tables])
     bad = (w <= 0) | (h <= 0)
@@ -513,6 +518,7 @@ class Bucketing:
         splits: the loaders that are bucketed.
         bad_samples: ``skip`` or ``raise`` for unreadable images found while sizing
             (default: the dataset plugin's policy).
+        pixel_space: the model works on pixels (no VAE): ``align`` may be a multiple of 4.
     """
 
     name = "bucketing"
@@ -543,8 +549,11 @@ class Bucketing:
         splits: list[str] | None = None,
         bad_samples: Literal["skip", "raise"] | None = None,
         size_threads: int = 8,
+        pixel_space: bool = False,
     ) -> None:
         self.mode, self.no_upscale = mode, no_upscale
+        # Latent models need sides divisible by the VAE's 8; pixel-space models only by 4.
+        self.multiple = 4 if pixel_space else VAE_FACTOR
         self.max_resolution = _pair(max_resolution, "max_resolution")
         self.min_size, self.max_size, self.step = min_size, max_size, step
         self.resolutions = list(resolutions or [self.max_resolution[0]])
@@ -567,7 +576,7 @@ class Bucketing:
                 self.table = np.asarray(kohya_bucket_resolutions(self.max_resolution, min_size, max_size, step))
         elif mode == "area":
             for r in self.resolutions:
-                area_bucket_resolutions(r, align, max_aspect)  # validates the settings now
+                area_bucket_resolutions(r, align, max_aspect, self.multiple)  # validates the settings now
             _choose_resolution(np.ones(1, dtype=np.int64), np.asarray(sorted(set(self.resolutions))),
                                self.resolutions, weights, resolution_policy, 0, 0)
         else:
@@ -617,7 +626,8 @@ class Bucketing:
             )
         return area_assign(
             widths, heights, self.resolutions, weights=self.weights, policy=self.resolution_policy,
-            align=self.align, max_aspect=self.max_aspect, seed=self.effective_seed, epoch=epoch, indices=indices,
+            align=self.align, max_aspect=self.max_aspect, multiple=self.multiple, seed=self.effective_seed,
+            epoch=epoch, indices=indices,
         )
 
     def assignment_for(self, epoch: int) -> Assignment:
@@ -722,11 +732,29 @@ class Bucketing:
         counts = assignment.counts()
         small = {b: c for b, c in counts.items() if c < group}
         logger.info("bucketing: %d samples in %d buckets: %s", int((assignment.bucket >= 0).sum()), len(counts), counts)
+        self._write_report(counts, small)
         if small and self.remainder != "pad":
             logger.warning(
                 "bucketing: %d buckets hold fewer samples than one batch (%d) and give no full batch "
                 "this epoch under remainder=%r: %s", len(small), group, self.remainder, small,
             )
+
+    def _write_report(self, counts: dict[Any, int], small: dict[Any, int]) -> None:
+        """``RUN_DIR/buckets.json``: samples per bucket and those left out, for people."""
+        import json
+        from pathlib import Path
+
+        state = self.engine.state
+        if not state.run_dir or not state.is_main_process:
+            return
+        report = {
+            "buckets": {f"{w}x{h}": c for (w, h), c in counts.items()},  # width x height
+            "below_one_batch": {f"{w}x{h}": c for (w, h), c in small.items()},
+            "left_out": [{"sample": str(name), "reason": str(reason)} for _, name, reason in self.bad],
+        }
+        path = Path(state.run_dir) / "buckets.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=1))
 
     # -------------------------------------------------------------- transform
     def _transform_sample(self, next_impl: Any, sample: dict[str, Any]) -> Any:
