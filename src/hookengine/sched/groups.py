@@ -132,7 +132,8 @@ def _levels(name: str) -> list[str]:
 
 
 def compile_patterns(patterns: str | Sequence[str] | None) -> Callable[[str], bool]:
-    """A predicate ``name -> bool`` for globs and ``re:`` regular expressions."""
+    """A predicate ``name -> bool`` for globs, ``re:`` regular expressions and plain names
+    (a plain name also matches as a dotted suffix, as PEFT's ``target_modules`` do)."""
     if patterns is None:
         return lambda name: False
     if isinstance(patterns, str):
@@ -144,6 +145,10 @@ def compile_patterns(patterns: str | Sequence[str] | None) -> Callable[[str], bo
                 regexes.append(re.compile(pattern[3:]))
             except re.error as exc:
                 raise ValueError(f"bad regular expression {pattern!r}: {exc}") from None
+        elif not any(c in pattern for c in "*?["):
+            # A plain name matches as in PEFT's target_modules: the name itself or a suffix
+            # after a dot ("to_q" selects "down_blocks.0.attentions.0.to_q").
+            regexes.append(re.compile(rf"(?:.*\.)?{re.escape(pattern)}"))
         else:
             regexes.append(re.compile(fnmatch.translate(pattern)))
 
