@@ -210,3 +210,14 @@ def test_background_checkpoints_equal_foreground_ones(tmp_path: Path) -> None:
     fg, bg = trees["foreground"], trees["background"]
     for name, tensor in fg["models"]["model"].items():
         assert torch.equal(tensor, bg["models"]["model"][name]), name  # a snapshot of step 4, not later
+
+
+def test_a_phase_naming_an_unknown_routine_or_data_is_a_clear_error(run_dir: Path) -> None:
+    from hookengine import PluginError
+
+    engine = digits_engine(run_dir, phases=[{"name": "a", "steps": 2, "routine": "supervisd"}])
+    with pytest.raises(PluginError, match=r"phase 'a': unknown routine 'supervisd' \(did you mean 'supervised'\?\)"):
+        engine.run()
+    engine = digits_engine(run_dir, phases=[{"name": "b", "steps": 2, "data": "trian"}])
+    with pytest.raises(PluginError, match=r"phase 'b' reads data 'trian' \(did you mean 'train'\?\)"):
+        engine.run()

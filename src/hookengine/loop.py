@@ -181,14 +181,19 @@ class TrainingLoop:
         state = self.engine.state
         for phase in self.phases:
             if phase.routine is not None and phase.routine not in self.engine.plugins:
-                from .plugins import closest
+                from .plugins import PluginError, closest
 
-                raise ValueError(
+                raise PluginError(
                     f"phase {phase.name!r}: unknown routine {phase.routine!r}"
                     f"{closest(phase.routine, self.engine.plugins)}; plugins in use: {sorted(self.engine.plugins)}"
                 )
         if not state.models:
-            raise RuntimeError("no model: use a routine or model plugin that registers one in state.models")
+            from .plugins import PluginError
+
+            raise PluginError(
+                "no model to train: use a routine or model plugin that registers one in state.models "
+                "(e.g. supervised, diffusion, causal_lm or model_loader)"
+            )
         if not state.optimizers and self._trainable(state.models):
             state.optimizers["main"] = self.engine.call("build_optimizer", state.models)
         self._rewrap_models(None)
@@ -244,9 +249,11 @@ class TrainingLoop:
         try:
             loader = state.dataloaders[phase.data]
         except KeyError:
-            raise KeyError(
-                f"phase {phase.name!r} reads data {phase.data!r}, but no plugin registered it; "
-                f"data loaders: {sorted(state.dataloaders)}"
+            from .plugins import PluginError, closest
+
+            raise PluginError(
+                f"phase {phase.name!r} reads data {phase.data!r}{closest(phase.data, state.dataloaders)}, but no "
+                f"plugin registered it; data loaders: {sorted(state.dataloaders)}"
             ) from None
         for model in state.models.values():
             if hasattr(model, "train"):

@@ -242,6 +242,21 @@ def _auto_class(config: dict[str, Any]) -> type:
     return transformers.AutoModel
 
 
+# Any one of these holds a tokenizer's vocabulary; a folder with none of them would load
+# as an empty tokenizer (transformers raises nothing) and fail much later.
+_VOCABULARY_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "spiece.model", "tokenizer.model",
+                     "sentencepiece.bpe.model", "vocab.model")
+
+
+def _check_vocabulary(folder: Path) -> None:
+    if folder.is_dir() and not any((folder / name).is_file() for name in _VOCABULARY_FILES):
+        present = sorted(p.name for p in folder.iterdir())
+        raise ModelLoadError(
+            f"tokenizer folder {folder} has no vocabulary file (one of {list(_VOCABULARY_FILES)}); "
+            f"it holds {present}"
+        )
+
+
 def _torch_dtype(value: Any) -> Any:
     if value is None or value == "auto":
         return value
@@ -397,6 +412,7 @@ class ModelLoader:
         if kind == "tokenizer":
             from transformers import AutoTokenizer
 
+            _check_vocabulary(target)
             cls: type = resolve_class(spec.cls) if spec.cls is not None else AutoTokenizer
             return cls.from_pretrained(str(root), **self._common_kwargs(spec), **spec.options)
         if kind == "transformers":

@@ -30,7 +30,7 @@ def recipe(tmp: Path, name: str, batch: int, steps: int, out: Path, **extra) -> 
                 "model": "hookengine.demo.digits:DigitsConvNet",
                 "model_options": {"dropout": 0.0},
             },
-            "dump": {"use": "tests.dist.plugins:DumpWeights", "folder": str(out)},
+            "dump": {"use": "tests.multiproc.plugins:DumpWeights", "folder": str(out)},
             **extra.pop("plugins", {}),
         },
         # SGD: linear in the gradients, so 1-vs-2-process rounding stays at float noise (Adam amplifies it).
@@ -105,7 +105,7 @@ def test_resume_under_two_processes_and_with_a_different_count(tmp_path: Path) -
 
 def test_a_dying_rank_stops_the_others_in_bounded_time(tmp_path: Path) -> None:
     path = recipe(tmp_path, "dies", 16, 400, tmp_path / "out",
-                  plugins={"die": {"use": "tests.dist.plugins:DieAt", "rank": 1, "step": 5}},
+                  plugins={"die": {"use": "tests.multiproc.plugins:DieAt", "rank": 1, "step": 5}},
                   runtime={"timeout_s": 30})
     start = time.monotonic()
     result = torchrun(path, timeout=120)

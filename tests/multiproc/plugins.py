@@ -52,3 +52,31 @@ class DieAt:
                 os._exit(3)
 
         engine.on("step_end", maybe_die)
+
+
+class PhaseDump:
+    """At every phase end, every rank writes its (unwrapped) weights and optimizer type."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = Path(folder)
+
+    def setup(self, engine: Any) -> None:
+        self.engine = engine
+        engine.on("phase_end", self._dump, priority=-100)
+
+    def _dump(self, state: Any, phase: Any) -> None:
+        import json
+
+        from safetensors.torch import save_file
+
+        rank = self.engine.runtime.process_index
+        self.folder.mkdir(parents=True, exist_ok=True)
+        model = self.engine.runtime.unwrap(state.models["model"])
+        weights = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+        save_file(weights, str(self.folder / f"{phase.name}-rank{rank}.safetensors"))
+        optimizer = next(iter(state.optimizers.values()))
+        inner = getattr(optimizer, "optimizer", optimizer)
+        trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+        (self.folder / f"{phase.name}-rank{rank}.json").write_text(
+            json.dumps({"optimizer": type(inner).__name__, "trainable": trainable, "step": state.clock.step})
+        )
