@@ -9,9 +9,15 @@ and the phases pick among them, with no dispatcher that a user's routine would l
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-__all__ = ["Routine"]
+__all__ = ["Routine", "samples_path"]
+
+
+def samples_path(state: Any, extension: str) -> Path:
+    """``RUN_DIR/samples/step-XXXX.<extension>`` for the current step."""
+    return Path(state.run_dir or "runs/default") / "samples" / f"step-{state.clock.step:04d}.{extension}"
 
 
 class Routine:
@@ -42,6 +48,11 @@ class Routine:
         """Evaluation metrics of one batch; by default the loss as ``val_loss``."""
         return {"val_loss": float(self.loss(batch))}
 
+    def write_samples(self, state: Any) -> Path | None:
+        """Write samples of the current model into the run folder (routines that sample
+        override this); returns the file written."""
+        return None
+
     # -- wiring ----------------------------------------------------------------
     def active(self) -> bool:
         """Whether the current phase runs this routine (a phase naming none runs any)."""
@@ -55,6 +66,13 @@ class Routine:
 
     def _on_setup(self, state: Any) -> None:
         self.build(state)
+
+    def _sample_listener(self, state: Any) -> None:
+        # Once per step at most (step_end and phase_end may both ask), on the main process.
+        if not state.is_main_process or not self.active() or getattr(self, "_last_sampled", None) == state.clock.step:
+            return
+        self._last_sampled = state.clock.step
+        self.write_samples(state)
 
     def _compute_loss(self, next_impl: Any, batch: Any) -> Any:
         return self.loss(batch) if self.active() else next_impl(batch)

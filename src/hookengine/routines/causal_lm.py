@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from .base import Routine
+from .base import Routine, samples_path
 
 __all__ = ["CausalLM", "causal_lm_loss", "labels_from_inputs", "pack_sequences", "pad_sequences", "IGNORE_INDEX"]
 
@@ -181,16 +181,8 @@ class CausalLM(Routine):
             model.train(was_training)
         return completions
 
-    def _sample_listener(self, state: Any) -> None:
-        if not state.is_main_process or not self.active() or self._last_sampled == state.clock.step:
-            return
-        self._last_sampled = state.clock.step
-        self.write_samples(state)
-
     def write_samples(self, state: Any) -> Path:
         """Write prompts and completions to ``RUN_DIR/samples/step-XXXX.txt``; returns the path."""
-        from .diffusion import samples_path
-
         path = samples_path(state, "txt")
         path.parent.mkdir(parents=True, exist_ok=True)
         completions = self.generate()

@@ -23,7 +23,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from .base import Routine
+from .base import Routine, samples_path
 
 __all__ = ["DiffusionRoutine", "digits_unet", "image_grid", "save_image_grid", "samples_path"]
 
@@ -531,12 +531,6 @@ class DiffusionRoutine(Routine):
         scheduler.set_timesteps(steps, device=self.device)
         return scheduler
 
-    def _sample_listener(self, state: Any) -> None:
-        if not state.is_main_process or not self.active() or self._last_sampled == state.clock.step:
-            return
-        self._last_sampled = state.clock.step
-        self.write_samples(state)
-
     def write_samples(self, state: Any) -> Path:
         """Sample and write a grid to ``RUN_DIR/samples/step-XXXX.png``; returns the path."""
         path = samples_path(state, "png")
@@ -553,11 +547,6 @@ def _scheduler_class(name: str, where: str) -> Any:
     if cls is None or not hasattr(cls, "add_noise") and not hasattr(cls, "scale_noise"):
         raise ValueError(f"{where}: {name!r} is not a diffusers noise scheduler class (e.g. DDPMScheduler)")
     return cls
-
-
-def samples_path(state: Any, extension: str) -> Path:
-    """``RUN_DIR/samples/step-XXXX.<extension>`` for the current optimizer step."""
-    return Path(state.run_dir or "runs/default") / "samples" / f"step-{state.clock.step:04d}.{extension}"
 
 
 def _get(batch: Any, key: str | int) -> Any:

@@ -1,30 +1,11 @@
 """Helpers for tests, demos and benchmarks: tiny models built from configs, offline.
 
-Everything heavy is imported inside the functions, so importing this package is cheap.
+It imports torch; diffusers and transformers are imported inside the functions.
 """
 
 from __future__ import annotations
 
-from .tiny_models import (
-    TinyNet,
-    build_tiny_causal_lm,
-    build_tiny_clip_tokenizer,
-    build_tiny_gpt2_tokenizer,
-    build_tiny_mlp,
-    build_tiny_sd_pipeline,
-    save_tiny_causal_lm,
-    save_tiny_net,
-    save_tiny_sd_pipeline,
-)
+from . import tiny_models
+from .tiny_models import *  # noqa: F403 - the public helpers, listed once in tiny_models.__all__
 
-__all__ = [
-    "TinyNet",
-    "build_tiny_causal_lm",
-    "build_tiny_clip_tokenizer",
-    "build_tiny_gpt2_tokenizer",
-    "build_tiny_mlp",
-    "build_tiny_sd_pipeline",
-    "save_tiny_causal_lm",
-    "save_tiny_net",
-    "save_tiny_sd_pipeline",
-]
+__all__ = list(tiny_models.__all__)
