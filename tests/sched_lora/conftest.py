@@ -14,8 +14,6 @@ from hookengine.loop import Phase
 from hookengine.sched.lora import LoraScheduler
 from hookengine.sched.model import ModelScheduler
 
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 torch.set_num_threads(1)
 
 # The demo convnet: 0 Conv2d, 2 Conv2d, 6 Linear(512, 64), 9 Linear(64, 10).
@@ -67,31 +65,16 @@ def assert_equal_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
         assert torch.equal(a[key], b[key]), key
 
 
-@pytest.fixture(scope="session")
-def sd_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A saved tiny Stable Diffusion pipeline."""
-    from hookengine.testing.tiny_models import save_tiny_sd_pipeline
-
-    return save_tiny_sd_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd")
-
-
 @pytest.fixture
-def sd_pipe(sd_folder: Path) -> Any:
+def sd_pipe(tiny_sd: Path) -> Any:
     """A fresh tiny pipeline loaded from the saved folder."""
     from diffusers import StableDiffusionPipeline
 
-    return StableDiffusionPipeline.from_pretrained(sd_folder, safety_checker=None, requires_safety_checker=False)
-
-
-@pytest.fixture(scope="session")
-def lm_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from hookengine.testing.tiny_models import save_tiny_causal_lm
-
-    return save_tiny_causal_lm(tmp_path_factory.mktemp("models") / "tiny-lm")
+    return StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
 
 
 @pytest.fixture
-def lm(lm_folder: Path) -> Any:
+def lm(tiny_lm: Path) -> Any:
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(lm_folder).eval()
+    return AutoModelForCausalLM.from_pretrained(tiny_lm).eval()

@@ -196,7 +196,7 @@ def test_merge_at_end_of_a_run(run_dir: Path) -> None:
 
 
 # ------------------------------------------------------------- files: peft
-def test_peft_files_load_with_peft_from_pretrained(lm: Any, lm_folder: Path, tmp_path: Path) -> None:
+def test_peft_files_load_with_peft_from_pretrained(lm: Any, tiny_lm: Path, tmp_path: Path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -206,12 +206,12 @@ def test_peft_files_load_with_peft_from_pretrained(lm: Any, lm_folder: Path, tmp
     folder = written["peft"] / "model"
     assert (folder / "adapter_config.json").is_file() and (folder / "adapter_model.safetensors").is_file()
 
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(lm_folder).eval(), folder)
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_lm).eval(), folder)
     assert torch.equal(lm_out(peft_model), expected)
-    mine = AutoModelForCausalLM.from_pretrained(lm_folder).eval()
+    mine = AutoModelForCausalLM.from_pretrained(tiny_lm).eval()
     load_lora(mine, folder, adapter="style")
     assert torch.equal(lm_out(mine), expected)
-    fresh = AutoModelForCausalLM.from_pretrained(lm_folder).eval()
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_lm).eval()
     assert not torch.allclose(lm_out(fresh), expected)
 
 
@@ -222,7 +222,7 @@ def _sd_with_adapter(pipe: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return unet_out(pipe.unet), te_out(pipe.text_encoder)
 
 
-def test_diffusers_file_loads_with_load_lora_weights_alpha_not_rank(sd_pipe: Any, sd_folder: Path, tmp_path: Path) -> None:
+def test_diffusers_file_loads_with_load_lora_weights_alpha_not_rank(sd_pipe: Any, tiny_sd: Path, tmp_path: Path) -> None:
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file, save_file
 
@@ -230,7 +230,7 @@ def test_diffusers_file_loads_with_load_lora_weights_alpha_not_rank(sd_pipe: Any
     models = {"unet": sd_pipe.unet, "text_encoder": sd_pipe.text_encoder}
     path = save_lora(models, "style", tmp_path / "style", ["diffusers"])["diffusers"]
 
-    other = StableDiffusionPipeline.from_pretrained(sd_folder, safety_checker=None, requires_safety_checker=False)
+    other = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
     other.load_lora_weights(tmp_path / "style", adapter_name="style")
     assert torch.allclose(unet_out(other.unet), unet_expected, atol=1e-6)
     assert torch.allclose(te_out(other.text_encoder), te_expected, atol=1e-6)
@@ -239,12 +239,12 @@ def test_diffusers_file_loads_with_load_lora_weights_alpha_not_rank(sd_pipe: Any
     bare = tmp_path / "bare"
     bare.mkdir()
     save_file(load_file(str(path)), str(bare / "pytorch_lora_weights.safetensors"))
-    third = StableDiffusionPipeline.from_pretrained(sd_folder, safety_checker=None, requires_safety_checker=False)
+    third = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
     third.load_lora_weights(bare, adapter_name="style")
     assert not torch.allclose(unet_out(third.unet), unet_expected, atol=1e-4)
 
     # and back into plain models with load_lora
-    fresh = StableDiffusionPipeline.from_pretrained(sd_folder, safety_checker=None, requires_safety_checker=False)
+    fresh = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
     load_lora(fresh.unet, tmp_path / "style", adapter="style", component="unet")
     load_lora(fresh.text_encoder, path, adapter="style", component="text_encoder")
     assert torch.equal(unet_out(fresh.unet), unet_expected)
@@ -252,7 +252,7 @@ def test_diffusers_file_loads_with_load_lora_weights_alpha_not_rank(sd_pipe: Any
 
 
 # ------------------------------------------------------------ files: kohya
-def test_kohya_keys_and_round_trip_against_diffusers_kohya_loader(sd_pipe: Any, sd_folder: Path, tmp_path: Path) -> None:
+def test_kohya_keys_and_round_trip_against_diffusers_kohya_loader(sd_pipe: Any, tiny_sd: Path, tmp_path: Path) -> None:
     from diffusers import StableDiffusionPipeline
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -276,19 +276,19 @@ def test_kohya_keys_and_round_trip_against_diffusers_kohya_loader(sd_pipe: Any, 
         assert f.metadata()["ss_network_module"] == "networks.lora"
 
     # diffusers' own kohya converter is the reference reader
-    other = StableDiffusionPipeline.from_pretrained(sd_folder, safety_checker=None, requires_safety_checker=False)
+    other = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
     other.load_lora_weights(path.parent, weight_name=path.name, adapter_name="k")
     assert torch.allclose(unet_out(other.unet), unet_expected, atol=1e-6)
     assert torch.allclose(te_out(other.text_encoder), te_expected, atol=1e-6)
 
-    fresh = StableDiffusionPipeline.from_pretrained(sd_folder, safety_checker=None, requires_safety_checker=False)
+    fresh = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
     load_lora(fresh.unet, path, adapter="k", component="unet")
     load_lora(fresh.text_encoder, path, adapter="k", component="text_encoder")
     assert torch.equal(unet_out(fresh.unet), unet_expected)
     assert torch.equal(te_out(fresh.text_encoder), te_expected)
 
 
-def test_kohya_text_encoder_attention_keys_round_trip(sd_pipe: Any, sd_folder: Path, tmp_path: Path) -> None:
+def test_kohya_text_encoder_attention_keys_round_trip(sd_pipe: Any, tiny_sd: Path, tmp_path: Path) -> None:
     from transformers import CLIPTextModel
 
     add(sd_pipe.text_encoder, "style", rank=2, alpha=6, targets=TE_TARGETS)
@@ -298,7 +298,7 @@ def test_kohya_text_encoder_attention_keys_round_trip(sd_pipe: Any, sd_folder: P
 
     keys = set(load_file(str(path)))
     assert "lora_te_text_model_encoder_layers_1_self_attn_v_proj.lora_up.weight" in keys  # kohya / A1111 naming
-    fresh = CLIPTextModel.from_pretrained(sd_folder / "text_encoder")
+    fresh = CLIPTextModel.from_pretrained(tiny_sd / "text_encoder")
     assert not torch.allclose(te_out(fresh), expected)
     load_lora(fresh, path, adapter="style", component="text_encoder")
     assert torch.equal(te_out(fresh), expected)
