@@ -292,10 +292,6 @@ class Registry:
         """Whether ``point`` has at least one listener or implementation."""
         return bool(self._entries.get(point))
 
-    def implementation(self, point: str) -> Callable[..., Any]:
-        """The ready callable of a slot, for hot loops that call it many times."""
-        return functools.partial(self.call, point)
-
     # ---------------------------------------------------------- introspection
     def points(self) -> list[str]:
         return sorted(p for p, entries in self._entries.items() if entries)
@@ -439,7 +435,6 @@ def _constrain(point: str, entries: list[_Entry]) -> list[_Entry]:
     A stable topological sort: among the entries free to run next, the one earliest in
     priority-then-registration order goes first.
     """
-    index = {id(e): i for i, e in enumerate(entries)}
     successors: dict[int, set[int]] = {i: set() for i in range(len(entries))}
     by_plugin: dict[str, list[int]] = {}
     for i, e in enumerate(entries):
@@ -471,5 +466,4 @@ def _constrain(point: str, entries: list[_Entry]) -> list[_Entry]:
     if len(result) != len(entries):
         stuck = sorted({entries[i].plugin or "user" for i in range(len(entries)) if indegree[i] > 0})
         raise HookError(f"before/after constraints on event {point!r} form a cycle between plugins {stuck}")
-    del index
     return result
