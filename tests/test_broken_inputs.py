@@ -82,7 +82,7 @@ def test_a_tokenizer_folder_missing_files_is_a_clear_error(tmp_path: Path) -> No
 
 
 def test_an_empty_weights_file_and_an_empty_recipe(tmp_path: Path) -> None:
-    from hookengine.checkpoint import CheckpointError, load_tree
+    from hookengine.training.checkpoint import CheckpointError, load_tree
 
     broken = tmp_path / "step-00000001"
     broken.mkdir()

@@ -84,7 +84,7 @@ def test_cli_hooks_lists_points_plugins_and_order(capsys) -> None:
     assert main(["hooks", "digits_classifier"]) == 0
     out = capsys.readouterr().out
     assert "slot compute_loss" in out and "classifier: hookengine.routines.base:Routine._compute_loss" in out
-    assert "slot run" in out and "trainer: hookengine.loop:TrainingLoop._run  [priority=-1000]" in out
+    assert "slot run" in out and "trainer: hookengine.training.trainer:TrainingLoop._run  [priority=-1000]" in out
     assert "event step_end" in out and "every=10" in out
 
 

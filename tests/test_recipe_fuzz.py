@@ -14,7 +14,7 @@ KEYS = ["name", "seed", "run_dir", "defaults", "runtime", "trainer", "checkpoint
         "progress", "plugins", "phases", "trainr", "plugin", "phase"]
 TRAINER_KEYS = ["epochs", "max_steps", "lr", "optimizer", "phases", "gradient_accumulation_steps",
                 "nonfinite", "grad_clip", "eval_every", "epocs", "lr_rate"]
-PLUGIN_REFS = ["digits", "supervised", "hookengine.demo.digits:DigitsData", "nope", "hookengine.loop:Nope",
+PLUGIN_REFS = ["digits", "supervised", "hookengine.demo.digits:DigitsData", "nope", "hookengine.training.trainer:Nope",
                "no.such.module:X", "", 3, None]
 
 scalars = st.one_of(

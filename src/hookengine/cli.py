@@ -54,7 +54,7 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _engine(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from .engine import Engine
+    from .core.engine import Engine
     from .recipe import apply_recipe, load_recipe
 
     engine = Engine()
@@ -82,9 +82,9 @@ def _print_hooks(engine) -> None:  # type: ignore[no-untyped-def]
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hookengine`` command; returns the exit status."""
     args = _parser().parse_args(argv)
-    from .checkpoint import CheckpointError
-    from .loop import NonFiniteLossError
-    from .plugins import PluginError, available
+    from .training.checkpoint import CheckpointError
+    from .training.trainer import NonFiniteLossError
+    from .core.plugins import PluginError, available
     from .recipe import RecipeError
 
     try:

@@ -16,8 +16,8 @@ from typing import Any, Mapping
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .engine import DEFAULT_PLUGINS
-from .plugins import PluginError, closest, resolve, validate_options
+from .core.engine import DEFAULT_PLUGINS
+from .core.plugins import PluginError, closest, resolve, validate_options
 
 __all__ = ["RecipeError", "load_recipe", "apply_recipe", "parse_override", "DEMO"]
 

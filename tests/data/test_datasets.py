@@ -282,7 +282,7 @@ def test_empty_data_set_is_a_clear_error(tmp_path):
 
 
 def test_resume_mid_epoch_through_the_loop(tmp_path, sizes):
-    from hookengine.checkpoint import load_tree, save_tree
+    from hookengine.training.checkpoint import load_tree, save_tree
 
     write_images(tmp_path / "imgs", sizes)
     options = dict(path="imagefolder", data_dir=str(tmp_path / "imgs"), batch_size=2)

@@ -192,7 +192,7 @@ def test_recipe_keys_and_unknown_names(run_dir: Path) -> None:
 
 
 def test_a_schedule_from_the_algebra_is_a_factor(run_dir: Path) -> None:
-    from hookengine import schedules
+    from hookengine import schedule as schedules
 
     factor = schedules.warmup(2, schedules.cosine(1.0, 0.1, 6))
     engine = make_engine(run_dir, trainer={"max_steps": 8, "lr": LR}, plugins=[("lr_sched", {"schedule": factor})])

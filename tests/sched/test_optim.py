@@ -129,7 +129,7 @@ def test_optimizer_names():
 
 
 def test_hyper_parameters_follow_schedules(run_dir: Path) -> None:
-    from hookengine import schedules
+    from hookengine import schedule as schedules
 
     engine = make_engine(
         run_dir,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hookengine import Engine
-from hookengine.loop import Phase
+from hookengine.training.trainer import Phase
 from hookengine.sched.lora import LoraScheduler
 from hookengine.sched.model import ModelScheduler
 

@@ -56,7 +56,7 @@ def test_step_range_rule_stops_training_a_part(run_dir: Path) -> None:
 
 
 def test_teacher_never_trains_and_stays_in_eval_mode(run_dir: Path) -> None:
-    from hookengine.plugins import resolve
+    from hookengine.core.plugins import resolve
 
     engine = digits_engine(run_dir, model_sched={"teachers": ["teacher"]}, max_steps=3)
     modes: list[bool] = []

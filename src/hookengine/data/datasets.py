@@ -417,7 +417,7 @@ class DatasetPlugin:
         spec = dict(spec)
         generator, gen_kwargs = spec.pop("generator", None), spec.pop("gen_kwargs", None) or {}
         if generator is not None:
-            from ..plugins import resolve
+            from ..core.plugins import resolve
 
             fn = resolve(generator) if isinstance(generator, str) else generator
             cls = datasets.IterableDataset if spec.get("streaming") else datasets.Dataset

@@ -229,7 +229,7 @@ class DiffusionRoutine(Routine):
         return DiffusionPipeline.from_pretrained(path, use_safetensors=True)
 
     def _build_denoiser(self) -> Any:
-        from ..plugins import resolve
+        from ..core.plugins import resolve
 
         if self.model_ref is None:
             raise ValueError(
@@ -462,7 +462,7 @@ class DiffusionRoutine(Routine):
         """
         import torch
 
-        from ..state import capture_rng, restore_rng
+        from ..core.state import capture_rng, restore_rng
 
         steps = steps or self.sample_steps
         generator = torch.Generator(device=self.device).manual_seed(self.sample_seed if seed is None else seed)

@@ -96,7 +96,7 @@ class Distillation(Routine):
 
     # ------------------------------------------------------------------- build
     def build(self, state: Any) -> None:
-        from ..plugins import resolve
+        from ..core.plugins import resolve
 
         self.device = self.engine.runtime.device
         if self.student_name not in state.models:

@@ -80,7 +80,7 @@ class KerasRoutine(Routine):
 
     def make_model(self) -> Any:
         """Build (and compile, when a loss is given) the Keras model."""
-        from ..plugins import resolve
+        from ..core.plugins import resolve
 
         keras = import_keras()
         if self.seed is not None:
@@ -150,7 +150,7 @@ class KerasCallbacks:
         engine.on("run_end", self._train_end)
 
     def _make(self, spec: Any) -> Any:
-        from ..plugins import resolve
+        from ..core.plugins import resolve
 
         if isinstance(spec, str):
             target = resolve(spec)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..plugins import resolve
+from ..core.plugins import resolve
 from .base import Routine
 
 __all__ = ["Supervised"]
@@ -53,7 +53,7 @@ class Supervised(Routine):
         else:
             self.loss_fn = getattr(torch.nn.functional, self.loss_ref, None)
             if self.loss_fn is None:
-                from ..plugins import closest
+                from ..core.plugins import closest
 
                 names = [n for n in dir(torch.nn.functional) if n.endswith("loss") or "entropy" in n]
                 raise ValueError(

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
-from ..plugins import resolve
+from ..core.plugins import resolve
 
 __all__ = ["RayFanout", "fan_out_local", "evaluate_checkpoint", "teacher_logits"]
 
@@ -96,7 +96,7 @@ def evaluate_checkpoint(path: str, model: str, model_options: dict[str, Any] | N
     """Validation loss and accuracy of one digits checkpoint (a job for ``fan_out``)."""
     import torch
 
-    from ..checkpoint import load_tree
+    from ..training.checkpoint import load_tree
     from ..demo.digits import load_digits_split
 
     tree = load_tree(Path(path))

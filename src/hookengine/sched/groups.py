@@ -53,7 +53,7 @@ __all__ = [
 
 def hint(name: str, candidates: Iterable[str]) -> str:
     """A ' (did you mean ...?)' hint; a match that differs only in case wins."""
-    from ..plugins import closest
+    from ..core.plugins import closest
 
     candidates = [str(c) for c in candidates]
     folded = [c for c in candidates if c.lower() == str(name).lower()]
@@ -357,7 +357,7 @@ def block_weight_preset(preset: str, length: int) -> list[float]:
         return [i / span + offset for i in reversed(range(length))]
     if name == "zeros":
         return [0.0 + offset] * length
-    from ..plugins import closest
+    from ..core.plugins import closest
 
     presets = ["cosine", "sine", "linear", "reverse_linear", "zeros"]
     raise ValueError(f"unknown block weight preset {preset!r}{closest(name, presets)}; known: {presets}")
@@ -480,7 +480,7 @@ def build_param_groups(
     parsed = [GroupSpec.from_mapping(s, f"{where}[{i}]") for i, s in enumerate(specs)]
     for spec in parsed:
         if spec.model is not None and spec.model not in models:
-            from ..plugins import closest
+            from ..core.plugins import closest
 
             raise ValueError(f"{where}: group {spec.name!r} names model {spec.model!r}{closest(spec.model, models)}; models: {sorted(models)}")
     selectors = [compile_patterns(s.params) if s.params is not None else (lambda n: True) for s in parsed]

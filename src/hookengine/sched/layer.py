@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from ..plugins import closest
+from ..core.plugins import closest
 from . import groups as _groups
 from .lr import resolve_length
 

@@ -34,7 +34,7 @@ from typing import Any, Iterable, Literal, Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..plugins import closest
+from ..core.plugins import closest
 from . import groups as _groups
 
 __all__ = [
@@ -87,7 +87,7 @@ class AdapterSpec(BaseModel):
         targets: patterns of module names; a mapping ``{model: [patterns]}`` when the
             adapter spans several models with different targets.
         rank_pattern, alpha_pattern: ``{pattern: value}``; the first matching pattern wins.
-        scale: a number, ``{"schedule": name, ...}`` (see :mod:`hookengine.schedules`) or
+        scale: a number, ``{"schedule": name, ...}`` (see :mod:`hookengine.core.schedule`) or
             ``module:attr`` of a callable of the step: PEFT's ``set_scale`` factor.
         start_phase: add the adapter when this phase starts (default: at setup).
         models: the models this adapter goes into (default: the plugin's ``model``).
@@ -797,7 +797,7 @@ class LoraScheduler:
         return next_impl(path)
 
     def _late_in_checkpoint(self, path: Path) -> list[str]:
-        from ..checkpoint import latest_checkpoint
+        from ..training.checkpoint import latest_checkpoint
 
         if not (path / "state.json").is_file():
             path = latest_checkpoint(path) or path

@@ -32,7 +32,7 @@ import math
 import warnings
 from typing import Any, Callable, Literal
 
-from ..plugins import closest, resolve
+from ..core.plugins import closest, resolve
 from . import groups as _groups
 
 __all__ = [

@@ -30,7 +30,7 @@ from typing import Any, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..plugins import closest
+from ..core.plugins import closest
 from . import groups as _groups
 
 __all__ = ["EMASpec", "StepRule", "EMA", "ema_decay", "ModelScheduler"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable, Mapping
 
-from ..plugins import closest, resolve
+from ..core.plugins import closest, resolve
 from . import groups as _groups
 
 __all__ = ["OptimizerScheduler", "optimizer_class", "value_schedule", "transfer_state", "EXTRA_OPTIMIZERS"]
@@ -69,9 +69,9 @@ def value_schedule(spec: Any, where: str) -> Callable[[int], Any]:
 
     A number (constant), a list (one schedule per element: betas), ``module:attr`` of a
     callable, a callable, or ``{"schedule": NAME, **arguments}`` with a name from
-    :mod:`hookengine.schedules` (``linear``, ``cosine``, ``exponential``, ``warmup``...).
+    :mod:`hookengine.core.schedule` (``linear``, ``cosine``, ``exponential``, ``warmup``...).
     """
-    from .. import schedules
+    from ..core import schedule as schedules
 
     if isinstance(spec, (list, tuple)):
         parts = [value_schedule(s, f"{where}[{i}]") for i, s in enumerate(spec)]

@@ -181,14 +181,14 @@ class TrainingLoop:
         state = self.engine.state
         for phase in self.phases:
             if phase.routine is not None and phase.routine not in self.engine.plugins:
-                from .plugins import PluginError, closest
+                from ..core.plugins import PluginError, closest
 
                 raise PluginError(
                     f"phase {phase.name!r}: unknown routine {phase.routine!r}"
                     f"{closest(phase.routine, self.engine.plugins)}; plugins in use: {sorted(self.engine.plugins)}"
                 )
         if not state.models:
-            from .plugins import PluginError
+            from ..core.plugins import PluginError
 
             raise PluginError(
                 "no model to train: use a routine or model plugin that registers one in state.models "
@@ -249,7 +249,7 @@ class TrainingLoop:
         try:
             loader = state.dataloaders[phase.data]
         except KeyError:
-            from .plugins import PluginError, closest
+            from ..core.plugins import PluginError, closest
 
             raise PluginError(
                 f"phase {phase.name!r} reads data {phase.data!r}{closest(phase.data, state.dataloaders)}, but no "
@@ -360,13 +360,13 @@ class TrainingLoop:
             optimizer.zero_grad(set_to_none=True)
 
     def _build_optimizer(self, next_impl: Any, models: dict[str, Any]) -> Any:
-        from .plugins import resolve
+        from ..core.plugins import resolve
 
         import torch
 
         cls = getattr(torch.optim, self.optimizer, None) if ":" not in self.optimizer else resolve(self.optimizer)
         if cls is None:
-            from .plugins import closest
+            from ..core.plugins import closest
 
             names = [n for n in dir(torch.optim) if n[:1].isupper()]
             raise ValueError(f"trainer.optimizer: unknown optimizer {self.optimizer!r}{closest(self.optimizer, names)}")

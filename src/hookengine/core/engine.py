@@ -15,10 +15,10 @@ __all__ = ["Engine", "DEFAULT_PLUGINS"]
 # The prepared plugins an engine uses unless told otherwise; each is an ordinary
 # entry point, replaceable from a recipe (``defaults: false``) or by attaching over it.
 DEFAULT_PLUGINS: dict[str, str] = {
-    "trainer": "hookengine.loop:TrainingLoop",
-    "checkpoint": "hookengine.checkpoint:Checkpointing",
-    "logging": "hookengine.metrics:MetricsLogger",
-    "progress": "hookengine.progress:ProgressBar",
+    "trainer": "hookengine.training.trainer:TrainingLoop",
+    "checkpoint": "hookengine.training.checkpoint:Checkpointing",
+    "logging": "hookengine.training.logging:MetricsLogger",
+    "progress": "hookengine.training.progress:ProgressBar",
 }
 
 
@@ -155,7 +155,7 @@ class Engine:
         The loop is the slot ``run``; with a recipe, its plugins are used first.
         """
         if recipe is not None or overrides:
-            from .recipe import apply_recipe, load_recipe
+            from ..recipe import apply_recipe, load_recipe
 
             apply_recipe(self, load_recipe(recipe, overrides or []))
         if not self.hooks.has("run"):

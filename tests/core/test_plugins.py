@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from hookengine import Engine, PluginError
-from hookengine.plugins import available, resolve
+from hookengine.core.plugins import available, resolve
 
 
 class Counter:
@@ -65,7 +65,7 @@ def test_class_object_module_and_function_plugins() -> None:
 
 def test_module_attr_reference_and_duplicate_names() -> None:
     engine = Engine()
-    engine.use("tests.test_plugins:Counter", start=2)
+    engine.use("tests.core.test_plugins:Counter", start=2)
     with pytest.raises(PluginError, match="already in use"):
         engine.use(Counter)
     second = engine.use(Counter, name="second")
@@ -85,14 +85,14 @@ def test_unknown_plugin_names_the_reference() -> None:
     with pytest.raises(PluginError, match=r"unknown plugin 'supervisd'.*did you mean 'supervised'"):
         resolve("supervisd")
     with pytest.raises(PluginError, match="has no attribute 'Nope'"):
-        resolve("hookengine.loop:Nope")
+        resolve("hookengine.training.trainer:Nope")
 
 
 def test_builtins_are_entry_points_of_the_installed_distribution() -> None:
     installed = available()
     for name in ("trainer", "checkpoint", "logging", "progress", "supervised", "digits"):
         assert name in installed, name
-    from hookengine.loop import TrainingLoop
+    from hookengine.training.trainer import TrainingLoop
 
     assert resolve("trainer") is TrainingLoop
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from hookengine import Engine, HookError
-from hookengine.hooks import Registry
-from hookengine.state import State
+from hookengine.core.hooks import Registry
+from hookengine.core.state import State
 
 
 @pytest.fixture

@@ -274,7 +274,7 @@ class Checkpointing:
         runtime = self.engine.runtime
         per_rank = tree.get("rng_per_rank")
         if per_rank and len(per_rank) == runtime.num_processes:
-            from .state import restore_rng
+            from ..core.state import restore_rng
 
             restore_rng(per_rank[runtime.process_index])
         self.engine.fire("checkpoint_loaded", path=path)

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from hookengine import schedules as S
-from hookengine.checkpoint import (
+from hookengine import schedule as S
+from hookengine.training.checkpoint import (
     CheckpointError, checkpoints_in, latest_checkpoint, load_tree, save_tree, write_checkpoint,
 )
-from hookengine.state import capture_rng, restore_rng
+from hookengine.core.state import capture_rng, restore_rng
 
 
 def test_basic_schedules_against_their_formulas() -> None:

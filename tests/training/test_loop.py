@@ -11,7 +11,7 @@ import torch
 from hookengine import Engine
 from hookengine.demo.digits import DigitsConvNet, load_digits_split
 from hookengine.data.shuffle import EpochBatchSampler
-from hookengine.loop import NonFiniteLossError
+from hookengine.training.trainer import NonFiniteLossError
 
 
 def digits_engine(run_dir: Path, **trainer) -> Engine:
@@ -125,7 +125,7 @@ def test_nan_loss_stops_with_step_named_and_checkpoint_kept(run_dir: Path) -> No
 
     with pytest.raises(NonFiniteLossError, match="loss is nan at step 5"):
         engine.run()
-    from hookengine.checkpoint import latest_checkpoint, load_tree
+    from hookengine.training.checkpoint import latest_checkpoint, load_tree
 
     newest = latest_checkpoint(run_dir / "ckpt")
     assert newest is not None and newest.name == "step-00000004"
@@ -195,7 +195,7 @@ def test_a_raising_listener_fires_exception_and_names_the_plugin(run_dir: Path) 
 
 
 def test_background_checkpoints_equal_foreground_ones(tmp_path: Path) -> None:
-    from hookengine.checkpoint import load_tree
+    from hookengine.training.checkpoint import load_tree
 
     trees = {}
     for mode in ("foreground", "background"):
