@@ -85,9 +85,32 @@ class Engine:
         """Call a slot's outermost implementation."""
         return self.hooks.call(point, *args, **kwargs)
 
+    def hook_module(self, pattern: str, fn: Callable[..., Any], **options: Any) -> Any:
+        """Hook the forward/backward of the submodules of named models that match ``pattern``.
+
+        ``pattern`` is ``MODEL.PATH`` with ``*`` for one name level (``unet.down_blocks.*.attentions.*``).
+        Options: ``kind`` (``forward``, ``forward_pre``, ``backward``). Returns a detachable handle;
+        the hooks are listed by ``describe_hooks`` and follow the models when they are re-wrapped
+        or moved. See :mod:`hookengine.core.module_hooks`.
+        """
+        return self.module_hooks.add(pattern, fn, plugin=self.hooks.current_plugin, **options)
+
+    @property
+    def module_hooks(self) -> Any:
+        """The registry of hooks on the models' own submodules (created on first use)."""
+        registry = self.__dict__.get("_module_hooks")
+        if registry is None:
+            from .module_hooks import ModuleHooks
+
+            registry = self.__dict__["_module_hooks"] = ModuleHooks(self.state)
+        return registry
+
     def describe_hooks(self) -> list[dict[str, Any]]:
         """Every hook point, what is attached, from which plugin, in which order."""
-        return self.hooks.describe()
+        rows = self.hooks.describe()
+        if "_module_hooks" in self.__dict__:
+            rows += self._module_hooks.describe()
+        return rows
 
     # --------------------------------------------------------------- plugins
     def use(self, plugin: Any, name: str | None = None, **options: Any) -> Any:
