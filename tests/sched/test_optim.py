@@ -96,6 +96,30 @@ def test_loraplus_equals_peft(gpt2):
     assert any(lr == 16e-3 for lr, _ in ours.values())
 
 
+@pytest.mark.parametrize("embedding_lr", [None, 3e-5])
+def test_loraplus_with_embedding_lora_equals_peft(gpt2, embedding_lr):
+    """LoRA on the token embedding too: PEFT gives both lora_embedding_A and lora_embedding_B
+    ``loraplus_lr_embedding`` (default 1e-6), not lr / lr × ratio."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+    from peft.optimizers import create_loraplus_optimizer
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["wte", "c_attn", "c_proj"])
+    model = get_peft_model(copy.deepcopy(gpt2), config)
+    extra = {} if embedding_lr is None else {"loraplus_lr_embedding": embedding_lr}
+    reference = create_loraplus_optimizer(
+        model, torch.optim.AdamW, lr=1e-4, loraplus_lr_ratio=16.0, loraplus_weight_decay=0.1, **extra
+    )
+    expected = {id(p): (g["lr"], g["weight_decay"]) for g in reference.param_groups for p in g["params"]}
+    groups, names = G.build_param_groups({"lm": model}, lr=1e-4, weight_decay=0.1, loraplus_ratio=16.0, **extra)
+    ours = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+    embedding = {names[i].split(":", 1)[1]: lr for i, (lr, _) in ours.items() if "lora_embedding_" in names[i]}
+    assert len(embedding) == 2, embedding
+    assert {n: ours[i] for i, n in names.items()} == {n: expected[i] for i, n in names.items()}
+    assert ours == expected
+
+
 def test_block_weight_presets_and_unet_mapping(sd):
     s = math.sin
     assert G.block_weight_preset("sine", 4) == pytest.approx([0, s(math.pi / 6), s(math.pi / 3), 1])

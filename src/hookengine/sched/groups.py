@@ -450,7 +450,13 @@ class GroupSpec:
 
 
 def _is_lora_b(name: str) -> bool:
-    return ".lora_B." in f".{name}." or ".lora_embedding_B." in f".{name}."
+    return ".lora_B." in f".{name}."
+
+
+def _is_lora_embedding(name: str) -> bool:
+    # PEFT's create_loraplus_optimizer gives both matrices of an embedding LoRA
+    # (lora_embedding_A and lora_embedding_B) their own lr, without the ratio.
+    return ".lora_embedding_A." in f".{name}." or ".lora_embedding_B." in f".{name}."
 
 
 def build_param_groups(
@@ -461,6 +467,7 @@ def build_param_groups(
     weight_decay: float = 0.0,
     no_decay: bool | Sequence[str] = True,
     loraplus_ratio: float | None = None,
+    loraplus_lr_embedding: float = 1e-6,
     param_mults: Mapping[str, Mapping[str, float]] | None = None,
     include: Callable[[str, str, Any], bool] | None = None,
     where: str = "optim_sched.groups",
@@ -470,7 +477,9 @@ def build_param_groups(
     Each parameter goes to the first spec that selects it (specs without ``model`` look in
     every model); the rest goes to a ``default`` group. Each group is then split into
     decaying and non-decaying parameters (``no_decay=True``: biases, 1-d tensors and norm
-    layers; or a list of patterns), LoRA B matrices (LoRA+: lr × ``loraplus_ratio``), and
+    layers; or a list of patterns), LoRA B matrices (LoRA+: lr × ``loraplus_ratio``; both
+    matrices of an embedding LoRA get ``loraplus_lr_embedding`` instead, as PEFT's
+    ``create_loraplus_optimizer``, unless their group spec sets an lr), and
     by ``param_mults`` (``{model: {param: mult}}``, e.g. UNet block weights).
 
     Group keys: ``params``, ``name``, ``lr``, ``base_lr``, ``lr_mult``, ``weight_decay``,
@@ -513,11 +522,15 @@ def build_param_groups(
             else:
                 skip_decay = bool(no_decay_match and no_decay_match(name))
             lora_b = loraplus_ratio is not None and _is_lora_b(name)
+            lora_embedding = loraplus_ratio is not None and _is_lora_embedding(name)
             mult = float(mults.get(name, 1.0))
-            key = (index, skip_decay, lora_b, mult)
+            key = (index, skip_decay, lora_b, lora_embedding, mult)
             group = buckets.get(key)
             if group is None:
                 group = buckets[key] = _new_group(spec, skip_decay, lora_b, mult, lr, weight_decay, loraplus_ratio)
+                if lora_embedding:
+                    base = spec.lr if spec.lr is not None else float(loraplus_lr_embedding)
+                    group.update(name=group["name"] + "/lora_embedding", base_lr=base, lr=base * group["lr_mult"])
             group["params"].append(param)
     for i, spec in enumerate(parsed):
         if not used[i] and spec.params is not None:

@@ -143,6 +143,8 @@ class OptimizerScheduler:
         no_decay: no weight decay on biases, 1-d tensors and norm layers (True), or on
             parameters matching these patterns.
         loraplus_ratio: LoRA+: the lr of LoRA B matrices is multiplied by this.
+        loraplus_lr_embedding: LoRA+: the lr of both matrices of an embedding LoRA (PEFT's
+            ``create_loraplus_optimizer`` default, 1e-6).
         block_weights: UNet block lr weights: ``{model, down, mid, up, zero_threshold}``
             with kohya's presets (``cosine``, ``sine``, ``linear``, ``reverse_linear``,
             ``zeros``, each ``+offset``) or lists.
@@ -167,6 +169,7 @@ class OptimizerScheduler:
         groups: list[dict[str, Any]] | None = None,
         no_decay: bool | list[str] = True,
         loraplus_ratio: float | None = None,
+        loraplus_lr_embedding: float = 1e-6,
         block_weights: dict[str, Any] | None = None,
         schedules: dict[str, Any] | None = None,
         phases: dict[str, dict[str, Any]] | None = None,
@@ -180,6 +183,7 @@ class OptimizerScheduler:
             "groups": list(groups or []),
             "no_decay": no_decay,
             "loraplus_ratio": loraplus_ratio,
+            "loraplus_lr_embedding": loraplus_lr_embedding,
             "block_weights": block_weights,
             "schedules": dict(schedules or {}),
         }
@@ -248,6 +252,7 @@ class OptimizerScheduler:
             weight_decay=wd,
             no_decay=spec["no_decay"],
             loraplus_ratio=spec["loraplus_ratio"],
+            loraplus_lr_embedding=spec["loraplus_lr_embedding"],
             param_mults=self._block_mults(models, spec["block_weights"]),
             where=f"optim_sched.groups" if key == "default" else f"optim_sched.phases.{key}.groups",
         )
