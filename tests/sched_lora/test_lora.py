@@ -10,19 +10,16 @@ from typing import Any
 import pytest
 import torch
 
-from hookengine.sched.lora import (
+from hookengine.sched.lora_files import from_kohya, load_lora, save_lora, to_kohya
+from hookengine.sched.lora_ops import (
     AdapterSpec,
     activate_adapters,
     add_adapter,
     adapter_state_dict,
-    from_kohya,
-    load_lora,
     match_targets,
     merge_adapters,
     peft_config,
-    save_lora,
     set_adapter_scale,
-    to_kohya,
     tuner_layers,
 )
 
@@ -308,7 +305,7 @@ def test_kohya_conversion_is_invertible_and_rslora_keeps_its_scale(sd_pipe: Any)
     unet = sd_pipe.unet
     add(unet, "r", method="rslora", rank=4, alpha=3, targets=["*.to_k"])
     sd = adapter_state_dict(unet, "r")
-    from hookengine.sched.lora import kohya_alphas
+    from hookengine.sched.lora_files import kohya_alphas
 
     alphas = kohya_alphas(unet, "r")
     kohya = to_kohya(sd, "lora_unet", alphas)
