@@ -109,6 +109,37 @@ def test_gradual_unfreezing_from_the_top(run_dir: Path) -> None:
     assert engine.state.metrics["frozen_fraction"] == 0.0
 
 
+def composer_frozen_units(elapsed: float, start: float, level: float, units: int) -> int:
+    """Composer's LayerFreezing, from its documented algorithm: no freezing up to ``start``;
+    after it the frozen fraction grows linearly, ``level × (elapsed - start) / (1 - start)``,
+    and it is applied to all flattened layers but the last (the output layer never freezes):
+    ``int(fraction × (units - 1))`` layers from the input side."""
+    if elapsed <= start:
+        return 0
+    fraction = level * ((elapsed - start) / (1.0 - start))
+    return int(fraction * len(range(units)[:-1]))
+
+
+def test_frozen_units_count_as_composer() -> None:
+    from hookengine import Engine
+    from hookengine.sched.layer import LayerScheduler
+
+    engine = Engine()
+    plugin = engine.use(LayerScheduler, freeze_start=0.5, freeze_level=0.8, total_steps=10)
+    engine.state.clock.step = 9  # elapsed 0.9
+    assert plugin.frozen_units(11) == composer_frozen_units(0.9, 0.5, 0.8, 11) == 6
+    # (0.1, 0.1, 50) at step 23 with 26 units: the fraction is 0.04 in Composer's order of
+    # operations, 0.039999999999999994 in level × (elapsed - start) / (1 - start) -> 1 vs 0.
+    for start, level, total in [(0.5, 0.8, 10), (0.0, 1.0, 20), (0.25, 0.5, 16), (0.5, 1.0, 7), (0.1, 0.1, 50)]:
+        engine = Engine()
+        plugin = engine.use(LayerScheduler, freeze_start=start, freeze_level=level, total_steps=total)
+        for step in range(total + 1):
+            engine.state.clock.step = step
+            for units in (1, 2, 5, 11, 26):
+                expected = composer_frozen_units(step / total, start, level, units)
+                assert plugin.frozen_units(units) == expected, (start, level, total, step, units)
+
+
 def test_growing_frozen_fraction_as_composer(run_dir: Path) -> None:
     engine = make_engine(run_dir, trainer={"max_steps": 20, "lr": 0.05}, plugins=[("layer_sched", {"freeze_start": 0.5, "freeze_level": 1.0})])
     plugin = engine.plugins["layer_sched"]
@@ -116,7 +147,7 @@ def test_growing_frozen_fraction_as_composer(run_dir: Path) -> None:
     engine.on("before_optimizer_step", lambda state: frozen_units.append(plugin.frozen_units(5)))
     rows = changed_per_step(engine)
     engine.run()
-    expected = [int(5 * max(0.0, (s / 20 - 0.5) / 0.5)) for s in range(20)]
+    expected = [composer_frozen_units(s / 20, 0.5, 1.0, 5) for s in range(20)]
     assert frozen_units == expected
     assert not any(n.startswith("embed") for n in rows[-1])  # frozen at the end
     assert any(n.startswith("embed") for n in rows[0])

@@ -6,7 +6,8 @@ recomputes it and continues bitwise: nothing about freezing needs checkpointing.
 - **Gradual unfreezing** (ULMFiT): the top ``unfreeze_start`` units train first, one more
   unit (towards the input) every ``unfreeze_every`` steps or epochs.
 - **Growing frozen fraction** (Composer's layer freezing): after ``freeze_start`` of the
-  run, the first ``freeze_level × (progress - start) / (1 - start)`` of the units freeze.
+  run, the first ``freeze_level × (progress - start) / (1 - start)`` of the units but the
+  last (the output side never freezes, as in Composer) freeze.
   Unlike Composer's, it resumes exactly.
 - **Patterns**: ``freeze`` (always), ``phases`` (per phase), ``steps`` (from a step on).
 - **Layer-wise lr decay** (BEiT / ELECTRA): ``lr_scale = decay ** (max_depth - depth)``
@@ -188,8 +189,11 @@ class LayerScheduler:
                 raise ValueError("layer_sched.freeze_start needs the run length: set total_steps")
             progress = min(1.0, clock.step / max(1, total))
             if progress > self.freeze_start:
-                fraction = self.freeze_level * (progress - self.freeze_start) / (1.0 - self.freeze_start)
-                frozen = max(frozen, int(fraction * count))
+                # Composer's order of float operations (it decides the count at the
+                # boundaries), applied to all units but the last (the output side never
+                # freezes): int(fraction × (count - 1)).
+                fraction = self.freeze_level * ((progress - self.freeze_start) / (1.0 - self.freeze_start))
+                frozen = max(frozen, int(fraction * max(0, count - 1)))
         return frozen
 
     def frozen(self) -> frozenset[tuple[str, str]]:
