@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from hookengine.data.bucketing import kohya_assign, kohya_bucket_resolutions, kohya_select_bucket_reference
+from hookengine.data.buckets import kohya_assign, kohya_bucket_resolutions, kohya_select_bucket_reference
 from hookengine.data.sampler import plan_epoch
 
 

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from hookengine.data.bucketing import (
+from hookengine.data.bucketing import Bucketing
+from hookengine.data.buckets import (
     BucketError,
-    Bucketing,
     area_assign,
     area_bucket_resolutions,
     cover_size,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hookengine import Engine
-from hookengine.data.bucketing import kohya_bucket_resolutions, kohya_select_bucket_reference
+from hookengine.data.buckets import kohya_bucket_resolutions, kohya_select_bucket_reference
 from hookengine.data.images import BadSampleError, open_image, resize_crop, to_tensor
 
 from .conftest import broken_files, write_images

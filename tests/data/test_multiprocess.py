@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hookengine.data.bucketing import kohya_assign, kohya_bucket_resolutions
+from hookengine.data.buckets import kohya_assign, kohya_bucket_resolutions
 
 from .conftest import write_images
 
