@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from hookengine.sched.lr import (
+from hookengine.sched.lr_schedules import (
     DIFFUSERS_NAMES,
     TORCH_NAMES,
     TRANSFORMERS_NAMES,
