@@ -52,12 +52,12 @@ __all__ = [
 
 
 def hint(name: str, candidates: Iterable[str]) -> str:
-    """A ' (did you mean ...?)' hint; a match that differs only in case wins."""
+    """:func:`~hookengine.core.plugins.closest`'s hint, where a match that differs only in case wins."""
     from ..core.plugins import closest
 
     candidates = [str(c) for c in candidates]
     folded = [c for c in candidates if c.lower() == str(name).lower()]
-    return f" (did you mean {folded[0]!r}?)" if folded else closest(name, candidates)
+    return closest(folded[0] if folded else name, candidates)
 
 _WRAPPERS = ("DistributedDataParallel", "FullyShardedDataParallel", "DataParallel")
 
