@@ -33,9 +33,11 @@ def sd_batches(tiny_sd: Path, count: int = STEPS, size: int = 2) -> list[dict[st
 
 
 def script_losses(tiny_sd: Path, batches: list[dict], prediction_type: str, snr_gamma: float | None,
-                  noise_offset: float, seed: int, lr: float) -> list[float]:
-    """diffusers' examples/text_to_image/train_text_to_image_lora.py, step by step, with one
-    difference: every random draw comes from ``generator`` (the script uses the global RNG)."""
+                  noise_offset: float, seed: int | None, lr: float,
+                  rng_states: list[torch.Tensor] | None = None) -> list[float]:
+    """diffusers' examples/text_to_image/train_text_to_image_lora.py, step by step. With a
+    ``seed``, every random draw comes from a generator of that seed; without one, from the
+    global RNG as in the script, set to ``rng_states[i]`` at the start of step ``i``."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from diffusers.training_utils import compute_snr
     from transformers import CLIPTextModel
@@ -47,13 +49,16 @@ def script_losses(tiny_sd: Path, batches: list[dict], prediction_type: str, snr_
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
     unet.train()
     losses = []
-    for batch in batches:
+    for i, batch in enumerate(batches):
+        if rng_states is not None:
+            torch.set_rng_state(rng_states[i])
         latents = vae.encode(batch["pixel_values"]).latent_dist.sample(generator=generator)
         latents = latents * vae.config.scaling_factor
-        noise = torch.randn(latents.shape, generator=generator)
+        # The script: torch.randn_like(latents), which keeps the latents' (channels-last) strides.
+        noise = torch.randn_like(latents, generator=generator)
         if noise_offset:
             noise += noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator)
         bsz = latents.shape[0]
@@ -102,6 +107,54 @@ def test_sd_losses_equal_diffusers_example_loop(tiny_sd: Path, run_dir: Path, pr
     assert len(set(losses)) == STEPS  # the weights moved
 
 
+def test_sd_losses_equal_diffusers_example_loop_on_the_global_rng(tiny_sd: Path, run_dir: Path) -> None:
+    """``seed: null``: every draw from the global RNG, in the script's calls and order (VAE
+    sample, randn_like(latents), offset noise, timesteps). The tiny VAE's latents are
+    channels-last on CPU, where randn(shape) and randn_like(latents) differ."""
+    batches = sd_batches(tiny_sd)
+    engine = quiet_engine(run_dir, max_steps=STEPS, lr=1e-3, eval_at_phase_end=False)
+    routine = engine.use(DIFFUSION, name="diffusion", pipeline=str(tiny_sd), prediction_type="epsilon",
+                         snr_gamma=5.0, noise_offset=0.1, seed=None, sample_at_phase_end=False)
+    engine.on("setup", lambda state: state.dataloaders.update(train=batches))
+    states: list[torch.Tensor] = []
+    clean_input = routine.clean_input
+
+    def recording(batch, generator=None):
+        assert generator is None
+        states.append(torch.get_rng_state())
+        return clean_input(batch, generator)
+
+    routine.clean_input = recording
+    losses = record_losses(engine)
+    engine.run()
+    assert len(states) == STEPS
+    expected = script_losses(tiny_sd, batches, "epsilon", 5.0, 0.1, seed=None, lr=1e-3, rng_states=states)
+    assert losses == expected
+
+
+@pytest.mark.parametrize("noise_offset", [0.0, 0.1])
+def test_noise_and_timesteps_drawn_as_the_script_on_channels_last_latents(run_dir: Path, noise_offset: float) -> None:
+    from hookengine import Engine
+
+    engine = Engine(seed=0, run_dir=run_dir)
+    routine = engine.use(DIFFUSION, name="diffusion", model="hookengine.routines.diffusion:digits_unet",
+                         image_key=0, label_key=1, noise_offset=noise_offset, seed=None)
+    engine.fire("setup")
+    latents = torch.randn((3, 4, 8, 8)).contiguous(memory_format=torch.channels_last)
+    state = torch.get_rng_state()
+    noise = routine.draw_noise(latents)
+    timesteps = routine.draw_timesteps(latents.shape[0], latents.device)
+    torch.set_rng_state(state)
+    # diffusers' train_text_to_image(_lora).py
+    expected_noise = torch.randn_like(latents)
+    if noise_offset:
+        expected_noise += noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), device=latents.device)
+    count = routine.noise_scheduler.config.num_train_timesteps
+    expected_timesteps = torch.randint(0, count, (latents.shape[0],), device=latents.device).long()
+    assert torch.equal(noise, expected_noise)
+    assert torch.equal(timesteps, expected_timesteps)
+
+
 def flow_losses_by_hand(unet: torch.nn.Module, batches: list[tuple], scheduler, weighting: str,
                         precondition: bool, seed: int) -> list[float]:
     """Flow matching as diffusers' train_dreambooth_lora_sd3.py does it (no optimizer)."""
@@ -119,7 +172,7 @@ def flow_losses_by_hand(unet: torch.nn.Module, batches: list[tuple], scheduler, 
     losses = []
     for pixels, labels in batches:
         model_input = pixels * 2 - 1
-        noise = torch.randn(model_input.shape, generator=generator)
+        noise = torch.randn_like(model_input, generator=generator)
         u = compute_density_for_timestep_sampling(
             weighting_scheme=weighting, batch_size=model_input.shape[0], logit_mean=0.0, logit_std=1.0,
             mode_scale=1.29, generator=generator,

@@ -377,13 +377,21 @@ class DiffusionRoutine(Routine):
         return (pixels - low) / (high - low) * 2.0 - 1.0
 
     def draw_noise(self, clean: Any, generator: Any = None) -> Any:
-        """Gaussian noise like ``clean``, plus the per-channel offset noise when asked."""
+        """Gaussian noise like ``clean``, plus the per-channel offset noise when asked.
+
+        Drawn as diffusers' training scripts do: ``randn_like(latents)`` (it keeps the
+        latents' strides, e.g. a VAE's channels-last output, which changes the values
+        drawn), then the offset noise added in place, before the timesteps.
+        """
         import torch
 
-        noise = torch.randn(clean.shape, generator=generator, device=clean.device, dtype=clean.dtype)
+        if generator is None:
+            noise = torch.randn_like(clean)
+        else:  # randn_like's own draw (empty_like + normal_), from the private generator
+            noise = torch.empty_like(clean).normal_(generator=generator)
         if self.noise_offset:
             offset = torch.randn((clean.shape[0], clean.shape[1], 1, 1), generator=generator, device=clean.device)
-            noise = noise + self.noise_offset * offset
+            noise += self.noise_offset * offset
         return noise
 
     def _density(self, batch_size: int, generator: Any) -> Any:
