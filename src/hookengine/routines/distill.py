@@ -13,6 +13,7 @@ not normalised. Teachers run in eval mode without gradients; they come from
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Any, Callable, Iterator
 
 from .base import Routine
@@ -91,8 +92,9 @@ class Distillation(Routine):
         self.hard_weight = value_schedule(hard_weight, "distill.hard_weight")
         self.inputs, self.targets = inputs, targets
         self.cache_name = cache
-        self._captured: dict[int, dict[str, Any]] = {}  # id(model) -> module path -> output
-        self._hooked: set[int] = set()
+        self._captured: dict[str, dict[str, Any]] = {}  # model name -> module path -> output
+        self._handles: dict[str, list[Any]] = {}  # model name -> its feature hooks (ModuleHandle)
+        self._cached_objects: dict[str, Any] = {}  # cached teacher name -> weakref to the object hooked
 
     # ------------------------------------------------------------------- build
     def build(self, state: Any) -> None:
@@ -107,7 +109,9 @@ class Distillation(Routine):
         for name in self.teacher_weights:
             teacher = self._teacher_object(name, cache)
             teacher.requires_grad_(False)  # never in the optimizer, never a graph
-        self._hook_features(state.models[self.student_name], list(self.features))
+            if not self._in_cache(name, cache):
+                self._hook_features(name, list(self.features.values()))
+        self._hook_features(self.student_name, list(self.features))
 
     def _cache(self) -> Any:
         cache = self.engine.plugins.get(self.cache_name)
@@ -130,33 +134,73 @@ class Distillation(Routine):
         cache = self._cache()
         if self._in_cache(name, cache):
             with cache.acquire(name, str(self.device)) as model:
+                self._hook_cached_features(name, model)
                 yield self._ready(model)
         else:
             yield self._ready(self._teacher_object(name, cache))
 
-    def _ready(self, model: Any) -> Any:
+    @staticmethod
+    def _ready(model: Any) -> Any:
         if model.training:  # the loop puts every registered model in train mode
             model.eval()
-        self._hook_features(model, list(self.features.values()))
         return model
 
     # --------------------------------------------------------------- features
-    def _hook_features(self, model: Any, paths: list[str]) -> None:
-        """Keep the outputs of the named submodules of ``model`` on each forward."""
-        model = self.engine.runtime.unwrap(model)
-        if not paths or id(model) in self._hooked:
-            return
-        store = self._captured.setdefault(id(model), {})
-        for path in paths:
-            try:
-                module = model.get_submodule(path)
-            except AttributeError:
-                raise KeyError(f"distill.features: {type(model).__name__} has no submodule {path!r}") from None
-            module.register_forward_hook(_capture(store, path))
-        self._hooked.add(id(model))
+    def _hook_features(self, name: str, paths: list[str]) -> None:
+        """Keep the outputs of the named submodules of model ``name`` on each forward.
 
-    def _features_of(self, model: Any) -> dict[str, Any]:
-        return self._captured.get(id(self.engine.runtime.unwrap(model)), {})
+        These are module hooks by model name: listed by ``describe_hooks``, removed by
+        :meth:`detach_features`, and moved along when the model is re-wrapped or gets adapters.
+        """
+        if not paths or name in self._handles:
+            return
+        store = self._captured.setdefault(name, {})
+        self._handles[name] = self._add_hooks(
+            lambda path: self.engine.module_hooks.add(path, _capture(store, path), model=name, plugin=self._plugin),
+            paths,
+        )
+
+    def _hook_cached_features(self, name: str, model: Any) -> None:
+        """Hook a teacher that only the model cache holds, through the module object it hands out."""
+        if not self.features or self._cached_objects.get(name, lambda: None)() is model:
+            return
+        for handle in self._handles.pop(name, []):  # the cache handed out another object
+            handle.detach()
+        store = self._captured.setdefault(name, {})
+        self._handles[name] = self._add_hooks(
+            lambda path: self.engine.module_hooks.add_to(
+                model, path, _capture(store, path), plugin=self._plugin, label=name
+            ),
+            list(self.features.values()),
+        )
+        self._cached_objects[name] = weakref.ref(model)
+
+    @staticmethod
+    def _add_hooks(add: Callable[[str], Any], paths: list[str]) -> list[Any]:
+        handles: list[Any] = []
+        try:
+            for path in paths:
+                handles.append(add(path))
+        except ValueError as exc:
+            for handle in handles:
+                handle.detach()
+            raise ValueError(f"distill.features: {exc}") from None
+        return handles
+
+    def detach_features(self) -> None:
+        """Remove every feature hook this routine installed."""
+        for handles in self._handles.values():
+            for handle in handles:
+                handle.detach()
+        self._handles.clear()
+        self._cached_objects.clear()
+
+    @property
+    def _plugin(self) -> str:
+        return getattr(self, "plugin_name", self.name)  # the name the hooks are listed under
+
+    def _features_of(self, name: str) -> dict[str, Any]:
+        return self._captured.get(name, {})
 
     # -------------------------------------------------------------------- loss
     def _split(self, batch: Any) -> tuple[Any, Any]:
@@ -187,7 +231,7 @@ class Distillation(Routine):
         inputs, targets = self._split(batch)
         student = self.engine.state.models[self.student_name]
         student_logits = _logits(self._run(student, inputs))
-        student_features = dict(self._features_of(student))
+        student_features = dict(self._features_of(self.student_name))
         kl = student_logits.new_zeros((), dtype=torch.float32)
         feature = student_logits.new_zeros((), dtype=torch.float32)
         for name, weight_of in self.teacher_weights.items():
@@ -216,7 +260,7 @@ class Distillation(Routine):
 
         with self.teacher(name) as teacher, torch.no_grad():
             logits = _logits(self._run(teacher, inputs))
-            features = dict(self._features_of(teacher))
+            features = dict(self._features_of(name))
         return logits, features
 
     def _feature_loss(self, name: str, student: dict[str, Any], teacher: dict[str, Any]) -> Any:

@@ -221,6 +221,8 @@ class TrainingLoop:
                 models[name] = runtime.prepare_model(model)
             else:
                 models[name] = model.to(runtime.device)
+        if "_module_hooks" in self.engine.__dict__:
+            self.engine.module_hooks.refresh()
 
     def _next_phase(self) -> None:
         clock = self.engine.state.clock
