@@ -18,7 +18,8 @@ NUMBER = 20000
 REPEAT = 15
 
 
-def listener(state, **payload):
+def listener(state, loss=None):
+    """The common shape: the state and the payload names it needs (bound at attach time)."""
     return None
 
 

@@ -30,7 +30,7 @@ def test_checkpoints_evaluated_over_ray_equal_local_evaluation(tmp_path: Path, r
     engine.run()
     paths = [str(p) for p in sorted((tmp_path / "checkpoints").glob("step-*"))]
     assert len(paths) == 3
-    job = "hookengine.scale.fanout:evaluate_checkpoint"
+    job = "hookengine.demo.digits:evaluate_checkpoint"
     options = {"model": "hookengine.demo.digits:DigitsConvNet"}
     remote = engine.call("fan_out", job, paths, **options)
     fan.backend = "local"

@@ -41,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     hooks.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
     sub.add_parser("plugins", help="list the installed plugins (entry points)")
+    docs = sub.add_parser("docs", help="regenerate docs/HOOKS.md and docs/PLUGIN_OPTIONS.md from the code")
+    docs.add_argument("--check", action="store_true", help="exit 1 listing stale files instead of writing")
     return parser
 
 
@@ -68,7 +70,9 @@ def _print_hooks(engine) -> None:  # type: ignore[no-untyped-def]
     for row in rows:
         if row["point"] != current:
             current = row["point"]
-            print(f"{row['kind']} {current}")
+            point = engine.hooks.declared.get(current)  # module hooks are not in the table
+            signature = f"({', '.join(point.payload)})" if point else ""
+            print(f"{row['kind']} {current}{signature}" + (f"  # {point.doc}" if point and point.doc else ""))
         extras = []
         if row["priority"]:
             extras.append(f"priority={row['priority']}")
@@ -88,6 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .recipe import RecipeError
 
     try:
+        if args.command == "docs":
+            from .docgen import main as docs_main
+
+            return docs_main(["--check"] if args.check else [])
         if args.command == "plugins":
             for name, target in sorted(available().items()):
                 print(f"{name:14} {target}")

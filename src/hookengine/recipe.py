@@ -16,8 +16,8 @@ from typing import Any, Mapping
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .core.engine import DEFAULT_PLUGINS
-from .core.plugins import PluginError, closest, resolve, validate_options
+from .core.plan import PlanError
+from .core.plugins import DEFAULT_PLUGINS, PluginError, closest, resolve, validate_options
 
 __all__ = ["RecipeError", "load_recipe", "apply_recipe", "parse_override", "DEMO"]
 
@@ -61,6 +61,7 @@ class Recipe(BaseModel):
     run_dir: str = "runs/{name}"
     defaults: bool = True
     runtime: RuntimeSection = Field(default_factory=RuntimeSection)
+    train_sched: dict[str, Any] = Field(default_factory=dict)
     trainer: dict[str, Any] = Field(default_factory=dict)
     checkpoint: dict[str, Any] = Field(default_factory=dict)
     logging: dict[str, Any] = Field(default_factory=dict)
@@ -163,11 +164,13 @@ def plugin_sections(recipe: Recipe) -> list[tuple[str, Any, dict[str, Any]]]:
     """(name, reference, options) for every plugin the recipe uses, defaults first."""
     sections: list[tuple[str, Any, dict[str, Any]]] = []
     if recipe.defaults:
-        for name, reference in DEFAULT_PLUGINS.items():
+        for name in DEFAULT_PLUGINS:
             options = dict(getattr(recipe, name))
-            if name == "trainer" and recipe.phases is not None:
-                options["phases"] = recipe.phases
-            sections.append((name, reference, options))
+            if name == "train_sched" and recipe.phases is not None:
+                if "phases" in options:
+                    raise RecipeError("phases and train_sched.phases are the same setting; keep one")
+                options["phases"] = recipe.phases  # the short form
+            sections.append((name, name, options))
     for name, spec in recipe.plugins.items():
         if not isinstance(spec, dict) or "use" not in spec:
             raise RecipeError(f"plugins.{name}: needs a 'use' key naming the plugin (entry point or module:attr)")
@@ -198,11 +201,14 @@ def apply_recipe(engine: Any, recipe: Recipe) -> None:
     runtime.timeout_s = recipe.runtime.timeout_s
     engine.state.run_dir = recipe.run_dir.format(name=recipe.name)
     engine.state.config = recipe.model_dump()
+    engine.defaults = recipe.defaults
     for name, reference, options in plugin_sections(recipe):
         where = name if name in DEFAULT_PLUGINS else f"plugins.{name}"
         try:
             engine.use(reference, name=name, **options)
         except PluginError as exc:
+            raise RecipeError(str(exc)) from None
+        except PlanError as exc:
             raise RecipeError(str(exc)) from None
         except (ValueError, TypeError) as exc:
             raise RecipeError(f"{where}: {exc}") from exc

@@ -11,12 +11,14 @@ import pytest
 
 from hookengine import Engine, PluginError
 from hookengine.core.plugins import available, resolve
+from hookengine.core.points import Point
 
 
 class Counter:
     """A stateful plugin used by several tests."""
 
     name = "counter"
+    hook_points = [Point("tick", "event", (), "a test clock ticked")]
 
     def __init__(self, start: int = 0, label: str = "steps") -> None:
         self.count = start
@@ -42,17 +44,17 @@ def test_class_object_module_and_function_plugins() -> None:
 
     seen = []
     module = types.ModuleType("my_plugin_module")
-    module.setup = lambda engine, tag="m": engine.on("tick", lambda s: seen.append(tag))
+    module.setup = lambda engine, tag="m": engine.on("tick", lambda state: seen.append(tag))
     engine.use(module, tag="module")
 
     def function_plugin(engine: Engine, tag: str = "f") -> None:
-        engine.on("tick", lambda s: seen.append(tag))
+        engine.on("tick", lambda state: seen.append(tag))
 
     engine.use(function_plugin, tag="function")
 
     class WithSetup:
         def setup(self, engine, tag: str = "o"):
-            engine.on("tick", lambda s: seen.append(tag))
+            engine.on("tick", lambda state: seen.append(tag))
 
     engine.use(WithSetup(), tag="object")
     engine.fire("tick")
@@ -107,6 +109,7 @@ def test_a_third_party_distribution_is_discovered_by_entry_point(tmp_path: Path,
                 def __init__(self, word: str = "hi"):
                     self.word = word
                 def setup(self, engine):
+                    engine.declare("greet", "slot", doc="a greeting")
                     engine.attach("greet", lambda nxt: self.word.upper())
             """
         )

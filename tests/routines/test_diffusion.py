@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hookengine.routines.diffusion import DiffusionRoutine, digits_unet
+from hookengine.demo.digit_scenes import digits_unet
+from hookengine.routines.diffusion import DiffusionRoutine
 
 from .conftest import quiet_engine, record_losses
 
@@ -137,7 +138,7 @@ def test_noise_and_timesteps_drawn_as_the_script_on_channels_last_latents(run_di
     from hookengine import Engine
 
     engine = Engine(seed=0, run_dir=run_dir)
-    routine = engine.use(DIFFUSION, name="diffusion", model="hookengine.routines.diffusion:digits_unet",
+    routine = engine.use(DIFFUSION, name="diffusion", model="hookengine.demo.digit_scenes:digits_unet",
                          image_key=0, label_key=1, noise_offset=noise_offset, seed=None)
     engine.fire("setup")
     latents = torch.randn((3, 4, 8, 8)).contiguous(memory_format=torch.channels_last)
@@ -204,7 +205,7 @@ def test_flow_matching_loss_equals_sd3_script(run_dir: Path, sampling: str, weig
     batches = [(torch.rand((4, 1, 8, 8), generator=generator), torch.tensor([0, 3, 5, 9])) for _ in range(2)]
     engine = Engine(seed=0, run_dir=run_dir)
     routine = engine.use(
-        DIFFUSION, name="diffusion", model="hookengine.routines.diffusion:digits_unet",
+        DIFFUSION, name="diffusion", model="hookengine.demo.digit_scenes:digits_unet",
         noise_scheduler={"class": "FlowMatchEulerDiscreteScheduler", "shift": 3.0},
         timestep_sampling=sampling, loss_weighting=weighting, precondition_outputs=precondition,
         image_key=0, label_key=1, pixel_range=(0.0, 1.0), seed=11,
@@ -224,7 +225,7 @@ def test_class_conditional_unet_trains_and_writes_sample_grids(run_dir: Path) ->
 
     engine = quiet_engine(run_dir, max_steps=4, lr=2e-3, eval_every=2, eval_at_phase_end=False)
     engine.use("digits", batch_size=32)
-    engine.use(DIFFUSION, name="diffusion", model="hookengine.routines.diffusion:digits_unet",
+    engine.use(DIFFUSION, name="diffusion", model="hookengine.demo.digit_scenes:digits_unet",
                model_options={"width": 8}, image_key=0, label_key=1, pixel_range=(0.0, 1.0),
                sample_every=2, sample_steps=3, snr_gamma=5.0)
     evaluated: list[tuple[int, float]] = []
@@ -248,7 +249,7 @@ def test_sampling_does_not_shift_training(run_dir: Path) -> None:
         folder.mkdir()
         engine = quiet_engine(folder, max_steps=3, eval_every=eval_every, eval_at_phase_end=False)
         engine.use("digits", batch_size=16)
-        engine.use(DIFFUSION, name="diffusion", model="hookengine.routines.diffusion:digits_unet",
+        engine.use(DIFFUSION, name="diffusion", model="hookengine.demo.digit_scenes:digits_unet",
                    model_options={"width": 8}, image_key=0, label_key=1, pixel_range=(0.0, 1.0),
                    sample_every=sample_every, sample_steps=2, sample_at_phase_end=False)
         losses = record_losses(engine)
@@ -278,7 +279,7 @@ def test_unknown_prediction_type_for_scheduler_is_a_clear_error(run_dir: Path) -
     from hookengine import Engine
 
     engine = Engine(seed=0, run_dir=run_dir)
-    engine.use(DIFFUSION, name="diffusion", model="hookengine.routines.diffusion:digits_unet",
+    engine.use(DIFFUSION, name="diffusion", model="hookengine.demo.digit_scenes:digits_unet",
                prediction_type="flow_matching", noise_scheduler={"class": "DDPMScheduler"})
     with pytest.raises(ValueError, match="flow-matching scheduler, got DDPMScheduler"):
         engine.fire("setup")
@@ -292,7 +293,7 @@ def test_resume_continues_the_private_noise_stream(run_dir: Path) -> None:
         checkpoint = {"folder": str(run_dir / "ckpt"), "resume": "latest" if resume else None}
         engine = quiet_engine(folder, {"checkpoint": checkpoint}, max_steps=steps, eval_at_phase_end=False)
         engine.use("digits", batch_size=16)
-        engine.use(DIFFUSION, name="diffusion", model="hookengine.routines.diffusion:digits_unet",
+        engine.use(DIFFUSION, name="diffusion", model="hookengine.demo.digit_scenes:digits_unet",
                    model_options={"width": 8}, image_key=0, label_key=1, pixel_range=(0.0, 1.0),
                    seed=5, noise_offset=0.1, sample_at_phase_end=False)
         losses = record_losses(engine)
@@ -321,6 +322,6 @@ def test_components_from_the_model_loader_and_a_scheduler_folder(tiny_sd: Path, 
     assert routine.noise_scheduler.config.prediction_type == "v_prediction"
     assert routine.tokenizer is not None
     other = Engine(seed=0, run_dir=run_dir)
-    other.use(DIFFUSION, name="diffusion", model="hookengine.routines.diffusion:digits_unet", noise_scheduler={"class": "Nope"})
+    other.use(DIFFUSION, name="diffusion", model="hookengine.demo.digit_scenes:digits_unet", noise_scheduler={"class": "Nope"})
     with pytest.raises(ValueError, match="'Nope' is not a diffusers noise scheduler class"):
         other.fire("setup")

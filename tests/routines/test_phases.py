@@ -19,7 +19,7 @@ def test_recipe_phases_switch_between_classifier_and_diffusion(run_dir: Path) ->
             "classifier": {"use": "supervised", "model": "hookengine.demo.digits:DigitsConvNet"},
             "denoiser": {
                 "use": "hookengine.routines.diffusion:DiffusionRoutine",
-                "model": "hookengine.routines.diffusion:digits_unet",
+                "model": "hookengine.demo.digit_scenes:digits_unet",
                 "model_options": {"width": 8},
                 "image_key": 0, "label_key": 1, "pixel_range": [0, 1], "sample_steps": 2,
             },

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from hookengine import Engine
-from hookengine.training.trainer import Phase
 from hookengine.sched.lora import LoraScheduler
 from hookengine.sched.model import ModelScheduler
 
@@ -40,7 +39,7 @@ def digits_engine(
         engine.use(ModelScheduler, name="model_sched", **model_sched)
     trainer: dict[str, Any] = {"lr": lr, "eval_at_phase_end": False}
     if phases is not None:
-        trainer["phases"] = [Phase.model_validate(p) for p in phases]
+        trainer["phases"] = phases
     if max_steps is not None:
         trainer["max_steps"] = max_steps
     # logging every step: with fewer steps than its period and no evaluation, the logger

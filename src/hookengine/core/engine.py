@@ -1,25 +1,23 @@
-"""The Engine: a hook registry, a State and a runtime. The loop itself is a plugin."""
+"""The Engine: a hook registry, a State and a runtime. The loop itself is a plugin.
+
+Only ``on``, ``fire``, ``attach``, ``call`` and ``use`` are the hook API; everything a
+built-in plugin does goes through them and through :class:`State`, so a user's plugin
+can do the same.
+"""
 
 from __future__ import annotations
 
+import types
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from .hooks import Handle, Registry
-from .plugins import PluginError, plugin_name, resolve, validate_options
+from .hooks import Registry
+from .plugins import DEFAULT_PLUGINS, PluginError, available, plugin_name, resolve, validate_options
+from .points import Point
 from .runtime import Runtime
 from .state import State
 
-__all__ = ["Engine", "DEFAULT_PLUGINS"]
-
-# The prepared plugins an engine uses unless told otherwise; each is an ordinary
-# entry point, replaceable from a recipe (``defaults: false``) or by attaching over it.
-DEFAULT_PLUGINS: dict[str, str] = {
-    "trainer": "hookengine.training.trainer:TrainingLoop",
-    "checkpoint": "hookengine.training.checkpoint:Checkpointing",
-    "logging": "hookengine.training.logging:MetricsLogger",
-    "progress": "hookengine.training.progress:ProgressBar",
-}
+__all__ = ["Engine"]
 
 
 class Engine:
@@ -38,6 +36,7 @@ class Engine:
         mixed_precision: str = "no",
         cpu: bool = False,
         timeout_s: float = 300.0,
+        defaults: bool = True,
         **accelerator_options: Any,
     ) -> None:
         self.state = State(run_dir=str(run_dir) if run_dir is not None else None)
@@ -47,17 +46,45 @@ class Engine:
         )
         self.state.unwrap = self.runtime.unwrap
         self.plugins: dict[str, Any] = {}
+        # run() fills in the default plugins that are not in use yet (by name).
+        self.defaults = defaults
         # Bound once so the hot path is a single call (no extra frame per event).
         self.fire = self.hooks.fire
         self.call = self.hooks.call
 
     # ------------------------------------------------------------- hook API
     def on(self, point: str, fn: Callable[..., Any] | None = None, **options: Any) -> Any:
-        """Listen to an event; usable as ``engine.on(name, fn)`` or ``@engine.on(name)``.
+        """Listen to event ``point``: ``engine.on(name, fn)`` or ``@engine.on(name)``.
 
-        Options: ``priority``, ``every``, ``once``, ``when``, ``start``, ``stop``,
-        ``before``, ``after``, ``unit``, ``plugin``. Returns a :class:`Handle`
-        (the decorator form returns the function and keeps the handle on it).
+        The listener takes, by name, any of ``state`` and the event's payload (``loss``
+        for ``step_end``...), or ``**payload`` for all of it; asking for a name the event
+        does not provide, or listening to an undeclared event, fails here, not later.
+
+        Args:
+            point: a declared event (``hookengine hooks`` lists them; ``declare`` adds one).
+            fn: the listener; omit it to use ``on`` as a decorator.
+            priority: higher runs earlier (default 0); a number or a band name from
+                :data:`hookengine.core.points.BANDS` (``"first"``, ``"last"``...).
+            every: run only when the clock is a multiple of ``every`` (optimizer steps;
+                epochs for ``epoch_*`` events, or as ``unit=`` says).
+            once: ``True``: only the first time; an int: only at that step.
+            when: run only when ``when(state)`` is true.
+            start, stop: run only for ``start <= step < stop``.
+            before, after: plugin names (instance or entry-point names) this listener
+                must run before / after, whatever their priorities.
+            unit: ``"step"`` or ``"epoch"``: what the filters count.
+            plugin: record the listener as coming from this plugin (default: the plugin
+                being set up).
+
+        Returns:
+            A :class:`Handle` whose ``detach()`` removes the listener (the decorator form
+            returns the function, with the handle as ``fn.hook_handle``).
+
+        >>> engine = Engine()
+        >>> seen = []
+        >>> handle = engine.on("step_end", lambda state, loss: seen.append(loss), every=2)
+        >>> engine.state.clock.step = 2; engine.fire("step_end", loss=0.5); seen
+        [0.5]
         """
         if fn is None:
             def decorator(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -65,17 +92,73 @@ class Engine:
                 return f
 
             return decorator
-        return self.hooks.on(point, fn, **options)
+        return self.hooks.on(point, fn, **self._owned(fn, options))
 
     def attach(self, point: str, fn: Callable[..., Any] | None = None, **options: Any) -> Any:
-        """Implement a slot: ``fn(next_impl, *args, **kwargs)``; decorator form too."""
+        """Implement slot ``point`` with ``fn(next_impl, *args, **kwargs)``; decorator form too.
+
+        The newest implementation runs when the slot is called and may delegate to the one
+        it replaced through ``next_impl`` (a wrapping chain, like middleware).
+
+        Args:
+            point: a declared slot (``compute_loss``, ``build_optimizer``...).
+            fn: the implementation; omit it to use ``attach`` as a decorator.
+            priority: a higher priority stays outermost whatever the attach order (a number
+                or a band name); built-in base implementations sit at -1000.
+            plugin: record the implementation as coming from this plugin.
+
+        >>> engine = Engine()
+        >>> _ = engine.attach("compute_loss", lambda next_impl, batch: 2.0)
+        >>> _ = engine.attach("compute_loss", lambda next_impl, batch: 0.5 * next_impl(batch))
+        >>> engine.call("compute_loss", None)
+        1.0
+        """
         if fn is None:
             def decorator(f: Callable[..., Any]) -> Callable[..., Any]:
                 f.hook_handle = self.hooks.attach(point, f, **options)  # type: ignore[attr-defined]
                 return f
 
             return decorator
-        return self.hooks.attach(point, fn, **options)
+        return self.hooks.attach(point, fn, **self._owned(fn, options))
+
+    def _owned(self, fn: Callable[..., Any], options: dict[str, Any]) -> dict[str, Any]:
+        """Attribute a plugin's method attached after its setup (at run time) to that plugin."""
+        if "plugin" not in options and self.hooks.current_plugin is None:
+            owner = getattr(fn, "__self__", None)
+            for name, plugin in self.plugins.items():
+                if plugin is owner:
+                    return {**options, "plugin": name}
+        return options
+
+    def declare(
+        self,
+        name: str,
+        kind: str = "event",
+        payload: tuple[str, ...] | list[str] = (),
+        doc: str = "",
+        unit: str = "step",
+    ) -> Point:
+        """Declare a hook point of your own (an event your plugin fires, or a slot it calls).
+
+        >>> engine = Engine()
+        >>> _ = engine.declare("sample_ready", payload=("image",), doc="a sample was drawn")
+        >>> _ = engine.on("sample_ready", lambda image: None)
+        """
+        return self.hooks.declare(name, kind, payload, doc, unit=unit)
+
+    def has(self, point: str) -> bool:
+        """Whether anything listens to / implements ``point``."""
+        return self.hooks.has(point)
+
+    @property
+    def plugin_names(self) -> list[str]:
+        """The names of the plugins in use, in the order they were used."""
+        return list(self.plugins)
+
+    @property
+    def current_plugin(self) -> str | None:
+        """The name of the plugin whose setup is running (``None`` outside ``use``)."""
+        return self.hooks.current_plugin
 
     def fire(self, point: str, **payload: Any) -> None:  # replaced per instance in __init__
         """Run every listener of an event."""
@@ -114,10 +197,18 @@ class Engine:
 
     # --------------------------------------------------------------- plugins
     def use(self, plugin: Any, name: str | None = None, **options: Any) -> Any:
-        """Set up a plugin (object, class, module, function or reference string).
+        """Set up a plugin: an object, class, module, function or reference string.
 
-        Returns the plugin instance. Hooks attached during its setup are recorded as
-        coming from ``name``. Options are checked against its signature first.
+        Args:
+            plugin: an entry-point name (``"lr_sched"``), a ``module:attr`` reference, or
+                the plugin itself (see :mod:`hookengine.core.plugins` for the shapes).
+            name: the name it is used under (default: its ``name`` attribute or class
+                name); checkpoints, ``before=``/``after=`` and phases refer to it.
+            options: its options, checked against its typed signature first.
+
+        Before its setup runs, the plugin's ``hook_points`` are declared and an object
+        plugin gets ``plugin_name`` set to its name; hooks attached during setup are
+        recorded as coming from it. Returns the plugin instance.
         """
         reference = plugin
         plugin = resolve(plugin)
@@ -126,17 +217,23 @@ class Engine:
             raise PluginError(f"a plugin named {name!r} is already in use; pass name= to use another")
         where = f"plugins.{name}"
         validate_options(plugin, options, where)
-        previous = self.hooks.current_plugin
-        self.hooks.current_plugin = name
+        kind = reference if isinstance(reference, str) and reference in available() else plugin_name(plugin)
+        for point in getattr(plugin, "hook_points", ()):
+            self.hooks.declare(point.name, point.kind, point.payload, point.doc, owner=name, unit=point.unit)
+        previous = self.hooks.current_plugin, self.hooks.current_kind
+        self.hooks.current_plugin, self.hooks.current_kind = name, kind
         try:
             if isinstance(plugin, type):
                 instance = plugin(**options)
                 setup = getattr(instance, "setup", None)
                 if setup is None:
                     raise PluginError(f"plugin {name!r} ({reference!r}) has no setup(engine) method")
+                instance.plugin_name = name
                 setup(self)
             elif hasattr(plugin, "setup"):
                 instance = plugin
+                if not isinstance(plugin, types.ModuleType):
+                    plugin.plugin_name = name
                 plugin.setup(self, **options)
             elif callable(plugin):
                 result = plugin(self, **options)
@@ -144,16 +241,17 @@ class Engine:
             else:
                 raise PluginError(f"{reference!r} is not a plugin: no setup(engine) and not callable")
         finally:
-            self.hooks.current_plugin = previous
+            self.hooks.current_plugin, self.hooks.current_kind = previous
         self.plugins[name] = instance
         return instance
 
     def use_defaults(self, options: Mapping[str, Mapping[str, Any]] | None = None) -> None:
-        """Use the default plugins (loop, checkpointing, metrics, progress bar)."""
+        """Use each default plugin (plan, loop, checkpoints, metrics, progress bar) that is
+        not in use yet under its name; ``options`` maps a default's name to its options."""
         options = options or {}
-        for name, reference in DEFAULT_PLUGINS.items():
+        for name in DEFAULT_PLUGINS:
             if name not in self.plugins:
-                self.use(reference, name=name, **dict(options.get(name, {})))
+                self.use(name, name=name, **dict(options.get(name, {})))
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -175,13 +273,15 @@ class Engine:
     def run(self, recipe: Any = None, overrides: list[str] | None = None) -> Any:
         """Run a recipe (path, mapping or None for the attached plugins only).
 
-        The loop is the slot ``run``; with a recipe, its plugins are used first.
+        The loop is the slot ``run``; with a recipe, its plugins are used first. Default
+        plugins not in use yet are used too, unless ``Engine(defaults=False)``.
         """
         if recipe is not None or overrides:
+            # The app layer, imported only when asked for (core never imports it at import time).
             from ..recipe import apply_recipe, load_recipe
 
             apply_recipe(self, load_recipe(recipe, overrides or []))
-        if not self.hooks.has("run"):
+        if self.defaults:
             self.use_defaults()
         return self.call("run")
 

@@ -1,10 +1,12 @@
 """The hook registry: events (every listener runs) and slots (a wrapping chain).
 
-All the work happens at attach time. Each point keeps a ready tuple of callables,
-rebuilt when something is attached or detached, so firing an event is a dictionary
-lookup and a loop, and calling a slot is one call into a prebuilt chain of partials.
-Filters (``every``, ``once``, ``when``, ``start``, ``stop``) wrap only the listeners
-that use them; tracing wraps everything, and only while it is switched on.
+All the work happens at attach time: the point must be declared (see :mod:`.points`),
+a listener's arguments are bound by name, and each event gets one generated function
+that calls its listeners in order, rebuilt when something is attached or detached.
+Firing an event is then a dictionary lookup and one call; calling a slot is one call
+into a prebuilt chain of partials. Filters (``every``, ``once``, ``when``, ``start``,
+``stop``) guard only the listeners that use them; tracing times every call, and only
+while it is switched on.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
+
+from .points import POINTS, Point, band_priority
 
 __all__ = ["HookError", "Handle", "Registry", "TraceRecord"]
 
@@ -51,7 +55,9 @@ class _Entry:
     before: tuple[str, ...] = ()
     after: tuple[str, ...] = ()
     filters: dict[str, Any] = field(default_factory=dict)
-    ready: Callable[..., Any] | None = None  # fn with adapters and filters applied
+    plugin_kind: str | None = None  # the plugin's entry-point name, matched by before=/after= too
+    args: tuple[str, ...] | None = None  # events: the bound argument expressions
+    keep: Callable[[Any], bool] | None = None  # events: the filters as one predicate
 
     @property
     def name(self) -> str:
@@ -107,68 +113,118 @@ def _describe(fn: Any) -> str:
     return f"{module}:{name}" if module else name
 
 
-def _adapt_listener(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Make ``fn`` callable as ``fn(state, **payload)``.
+def _bind(fn: Callable[..., Any], point: Point) -> tuple[str, ...] | None:
+    """The arguments ``fn`` asks for, by name: ``state`` or payload names of ``point``.
 
-    A listener may take the state and any subset of the payload by name; one that takes
-    ``**kwargs`` is used as it is (the fast path).
+    Returns the call's argument expressions, in order, or ``None`` when ``fn`` has no
+    inspectable signature (then it gets the state alone). Checked here, at attach time,
+    so firing never inspects anything.
     """
     try:
-        params = inspect.signature(fn).parameters.values()
+        params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):  # builtins without a signature
-        return fn
-    if any(p.kind is p.VAR_KEYWORD for p in params):
-        return fn
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    names = frozenset(p.name for p in params if p.kind is p.KEYWORD_ONLY) | frozenset(
-        p.name for p in positional[1:]
-    )
-    if not positional:
-        if not names:
-            return lambda state, **payload: fn()
-        return lambda state, **payload: fn(**{k: v for k, v in payload.items() if k in names})
-    if not names:
-        return lambda state, **payload: fn(state)
-    return lambda state, **payload: fn(state, **{k: v for k, v in payload.items() if k in names})
+        return None
+    provided = set(point.payload)
+    args: list[str] = []
+    keywords = False  # once a parameter is skipped, the rest go by keyword
+    for p in params:
+        if p.kind is p.VAR_POSITIONAL:
+            continue
+        if p.kind is p.VAR_KEYWORD:
+            args.append("**payload")
+            continue
+        if p.name == "state":
+            value = "state"
+        elif p.name in provided:
+            value = f"payload[{p.name!r}]"
+        elif p.default is not p.empty:
+            keywords = True
+            continue
+        else:
+            from .plugins import closest
+
+            offered = ", ".join(("state", *point.payload))
+            raise HookError(
+                f"listener {_describe(fn)} of event {point.name!r} asks for {p.name!r}"
+                f"{closest(p.name, ('state', *point.payload))}, which the event does not provide; "
+                f"it provides: {offered} (or take **payload)"
+            )
+        if p.kind is p.KEYWORD_ONLY or keywords:
+            if p.kind is p.POSITIONAL_ONLY:
+                raise HookError(f"listener {_describe(fn)}: positional-only {p.name!r} follows a skipped parameter")
+            value = f"{p.name}={value}"
+        args.append(value)
+    return tuple(args)
 
 
-def _apply_filters(fn: Callable[..., Any], filters: dict[str, Any], unit: str) -> Callable[..., Any]:
-    """Wrap ``fn`` in the filters it asked for; listeners without filters stay unwrapped.
+def _filter_predicate(filters: dict[str, Any], unit: str) -> Callable[[Any], bool] | None:
+    """``keep(state)`` for the filters a listener asked for, or ``None`` without filters.
 
     ``every``, ``once``, ``start`` and ``stop`` read the progress clock (optimizer steps,
     or epochs for ``epoch_*`` events), not a private counter, so they agree after a resume.
     """
-    every = filters.get("every")
-    once = filters.get("once")
-    start = filters.get("start")
-    stop = filters.get("stop")
-    when = filters.get("when")
+    every, once, start, stop, when = (filters.get(k) for k in ("every", "once", "start", "stop", "when"))
     if every is None and once is None and start is None and stop is None and when is None:
-        return fn
+        return None
     fired = [False]
-
     by_epoch = unit == "epoch"
 
-    def filtered(state: Any, **payload: Any) -> Any:
+    def keep(state: Any) -> bool:
         t = state.clock.epoch if by_epoch else state.clock.step
         if start is not None and t < start:
-            return None
+            return False
         if stop is not None and t >= stop:
-            return None
+            return False
         if every is not None and t % every:
-            return None
+            return False
         if once is not None:
             if once is True:
                 if fired[0]:
-                    return None
+                    return False
                 fired[0] = True
             elif t != once:
-                return None
-        if when is not None and not when(state):
-            return None
-        return fn(state, **payload)
+                return False
+        return when is None or bool(when(state))
 
-    return filtered
+    return keep
+
+
+def _compile_dispatch(point: str, entries: list["_Entry"], trace: list[TraceRecord] | None) -> tuple[Callable[..., Any], dict[int, "_Entry"]]:
+    """One function that calls every listener of ``point`` in order: ``dispatch(state, payload)``.
+
+    Generated once per change of the listener list, so firing is one call for all
+    listeners with each argument already bound by name: no per-listener adapter, no
+    ``**payload`` re-expansion. Returns the function and a map from its source line to
+    the listener on it (to name the one that raised).
+    """
+    namespace: dict[str, Any] = {}
+    lines = ["def dispatch(state, payload):"]
+    where: dict[int, _Entry] = {}
+    for i, entry in enumerate(entries):
+        namespace[f"f{i}"] = entry.fn
+        args = "state" if entry.args is None else ", ".join(entry.args)
+        call = f"f{i}({args})"
+        indent = "    "
+        if entry.keep is not None:
+            namespace[f"keep{i}"] = entry.keep
+            lines.append(f"    if keep{i}(state):")
+            indent = "        "
+        if trace is None:
+            lines.append(indent + call)
+            where[len(lines)] = entry
+        else:
+            namespace[f"e{i}"] = entry
+            lines += [indent + "t0 = perf_counter()", indent + "try:"]
+            lines.append(indent + "    " + call)
+            where[len(lines)] = entry
+            lines += [indent + "finally:", indent + f"    record(e{i}, perf_counter() - t0)"]
+    if not entries:
+        lines.append("    pass")
+    if trace is not None:
+        namespace["perf_counter"] = time.perf_counter
+        namespace["record"] = lambda e, seconds: trace.append(TraceRecord(e.point, e.kind, e.name, e.plugin, seconds))
+    exec(compile("\n".join(lines), f"<hookengine dispatch of {point!r}>", "exec"), namespace)  # noqa: S102 - our own source
+    return namespace["dispatch"], where
 
 
 def _missing_implementation(point: str) -> Callable[..., Any]:
@@ -180,20 +236,74 @@ def _missing_implementation(point: str) -> Callable[..., Any]:
 
 
 class Registry:
-    """Events and slots in one registry.
+    """Events and slots in one registry, over a table of declared points.
 
-    ``state`` is passed as the first argument to every event listener.
+    Listeners are called with the arguments they ask for by name: ``state`` (the
+    registry's state) and any of the event's payload names, or ``**payload``.
     """
 
     def __init__(self, state: Any = None) -> None:
         self.state = state
+        self.declared: dict[str, Point] = dict(POINTS)
         self._entries: dict[str, list[_Entry]] = {}
-        self._kinds: dict[str, str] = {}
-        self._events: dict[str, tuple[Callable[..., Any], ...]] = {}
+        self._events: dict[str, Callable[..., Any]] = {}
+        self._dispatch_lines: dict[Any, dict[int, _Entry]] = {}  # dispatch code -> line -> listener
         self._slots: dict[str, Callable[..., Any]] = {}
         self._trace: list[TraceRecord] | None = None
-        self._ready_cache: dict[int, Callable[..., Any]] = {}
         self.current_plugin: str | None = None
+        self.current_kind: str | None = None
+
+    # ------------------------------------------------------------ declaring
+    def declare(
+        self,
+        name: str,
+        kind: str = "event",
+        payload: tuple[str, ...] | list[str] = (),
+        doc: str = "",
+        owner: str | None = None,
+        unit: str = "step",
+    ) -> Point:
+        """Declare a hook point so that ``on``/``attach`` accept it.
+
+        Declaring the same point again with the same kind and payload is harmless;
+        anything else is an error, so two plugins cannot disagree about a point.
+
+        >>> r = Registry()
+        >>> r.declare("sample_ready", payload=("image",), doc="a sample image was drawn").kind
+        'event'
+        """
+        if kind not in ("event", "slot"):
+            raise ValueError(f"declare({name!r}): kind must be 'event' or 'slot', got {kind!r}")
+        if unit not in ("step", "epoch"):
+            raise ValueError(f"declare({name!r}): unit must be 'step' or 'epoch', got {unit!r}")
+        point = Point(name, kind, tuple(payload), doc, owner or self.current_plugin or "user", unit)  # type: ignore[arg-type]
+        known = self.declared.get(name)
+        if known is not None:
+            if (known.kind, known.payload) != (point.kind, point.payload):
+                raise HookError(
+                    f"{name!r} is already declared as a {known.kind} with payload {known.payload} "
+                    f"(by {known.owner}); cannot redeclare it as a {kind} with payload {point.payload}"
+                )
+            return known
+        self.declared[name] = point
+        return point
+
+    def point(self, name: str, kind: str | None = None) -> Point:
+        """The declared point ``name``; a clear error with the closest names otherwise."""
+        point = self.declared.get(name)
+        if point is None:
+            from .plugins import closest
+
+            same = [p for p, d in self.declared.items() if kind is None or d.kind == kind]
+            raise HookError(
+                f"no hook point named {name!r}{closest(name, same)}; declare it first with "
+                f"engine.declare({name!r}, kind={kind or 'event'!r}, payload=(...)) "
+                f"(`hookengine hooks` lists every point)"
+            )
+        if kind is not None and point.kind != kind:
+            verb = "on()/fire()" if point.kind == "event" else "attach()/call()"
+            raise HookError(f"{name!r} is a {point.kind}, not a {kind}; use {verb}")
+        return point
 
     # ------------------------------------------------------------------ events
     def on(
@@ -201,7 +311,7 @@ class Registry:
         point: str,
         fn: Callable[..., Any],
         *,
-        priority: int = 0,
+        priority: int | str = 0,
         every: int | None = None,
         once: bool | int | None = None,
         when: Callable[[Any], bool] | None = None,
@@ -212,13 +322,11 @@ class Registry:
         unit: str | None = None,
         plugin: str | None = None,
     ) -> Handle:
-        """Listen to event ``point``. Higher ``priority`` runs earlier; ties keep
-        registration order; ``before``/``after`` name plugins this listener must precede
-        or follow."""
+        """Listen to event ``point``; see :meth:`hookengine.Engine.on` for the options."""
         if every is not None and (not isinstance(every, int) or every < 1):
             raise ValueError(f"every= must be a positive integer, got {every!r} for event {point!r}")
-        self._check_kind(point, "event")
-        unit = unit or ("epoch" if point.startswith("epoch_") else "step")
+        declared = self.point(point, "event")
+        unit = unit or declared.unit
         if unit not in ("step", "epoch"):
             raise ValueError(f"unit= must be 'step' or 'epoch', got {unit!r}")
         filters = {
@@ -231,29 +339,25 @@ class Registry:
             "event",
             fn,
             plugin if plugin is not None else self.current_plugin,
-            priority,
+            band_priority(priority),
             before=_names(before),
             after=_names(after),
             filters=filters,
+            plugin_kind=self.current_kind if plugin is None else None,
+            args=_bind(fn, declared),
+            keep=_filter_predicate(filters, unit),
         )
-        entry.ready = _apply_filters(_adapt_listener(fn), filters, unit)
         return self._add(entry)
 
     def fire(self, point: str, **payload: Any) -> None:
-        """Run every listener of ``point`` with ``(state, **payload)``."""
-        listeners = self._events.get(point)
-        if listeners:
-            state = self.state
+        """Run every listener of ``point``, each with the arguments it asked for."""
+        dispatch = self._events.get(point)
+        if dispatch is not None:
             try:
-                if payload:
-                    for fn in listeners:
-                        fn(state, **payload)
-                else:  # no payload: skip building a keyword dict per listener
-                    for fn in listeners:
-                        fn(state)
+                dispatch(self.state, payload)
             except Exception as exc:
                 # Zero cost until something raises: then name the listener and plugin.
-                self._annotate(exc, point, fn)
+                self._annotate(exc, point)
                 raise
 
     # ------------------------------------------------------------------- slots
@@ -262,7 +366,7 @@ class Registry:
         point: str,
         fn: Callable[..., Any],
         *,
-        priority: int = 0,
+        priority: int | str = 0,
         plugin: str | None = None,
     ) -> Handle:
         """Attach an implementation of slot ``point``: ``fn(next_impl, *args, **kwargs)``.
@@ -270,8 +374,15 @@ class Registry:
         The newest implementation (highest priority first) is called by ``call`` and
         may delegate to the one it replaced through ``next_impl``.
         """
-        self._check_kind(point, "slot")
-        entry = _Entry(point, "slot", fn, plugin if plugin is not None else self.current_plugin, priority)
+        self.point(point, "slot")
+        entry = _Entry(
+            point,
+            "slot",
+            fn,
+            plugin if plugin is not None else self.current_plugin,
+            band_priority(priority),
+            plugin_kind=self.current_kind if plugin is None else None,
+        )
         return self._add(entry)
 
     def call(self, point: str, *args: Any, **kwargs: Any) -> Any:
@@ -285,7 +396,7 @@ class Registry:
         try:
             return chain(*args, **kwargs)
         except Exception as exc:
-            self._annotate(exc, point, None)
+            self._annotate(exc, point)
             raise
 
     def has(self, point: str) -> bool:
@@ -294,6 +405,7 @@ class Registry:
 
     # ---------------------------------------------------------- introspection
     def points(self) -> list[str]:
+        """The points that have something attached, sorted."""
         return sorted(p for p, entries in self._entries.items() if entries)
 
     def describe(self, point: str | None = None) -> list[dict[str, Any]]:
@@ -319,12 +431,6 @@ class Registry:
             self._rebuild_all()
 
     # --------------------------------------------------------------- internals
-    def _check_kind(self, point: str, kind: str) -> None:
-        known = self._kinds.setdefault(point, kind)
-        if known != kind:
-            verb = "on()/fire()" if known == "event" else "attach()/call()"
-            raise HookError(f"{point!r} is a {known}, not a {kind}; use {verb}")
-
     def _add(self, entry: _Entry) -> Handle:
         self._entries.setdefault(entry.point, []).append(entry)
         try:
@@ -339,12 +445,11 @@ class Registry:
         entries = self._entries.get(entry.point)
         if entries and entry in entries:
             entries.remove(entry)
-            self._ready_cache.pop(id(entry), None)
             self._rebuild(entry.point)
 
     def _ordered(self, point: str) -> list[_Entry]:
         entries = self._entries.get(point, [])
-        if self._kinds.get(point) == "slot":
+        if self.declared[point].kind == "slot":
             # Outermost first: highest priority, then newest.
             return sorted(entries, key=lambda e: (-e.priority, -e.order))
         ordered = sorted(entries, key=lambda e: (-e.priority, e.order))
@@ -358,16 +463,14 @@ class Registry:
 
     def _rebuild(self, point: str) -> None:
         ordered = self._ordered(point)
-        if self._kinds[point] == "event":
+        if self.declared[point].kind == "event":
+            old = self._events.pop(point, None)
+            if old is not None:
+                self._dispatch_lines.pop(old.__code__, None)
             if ordered:
-                ready = []
-                for e in ordered:
-                    r = self._wrap(e, e.ready)
-                    self._ready_cache[id(e)] = r
-                    ready.append(r)
-                self._events[point] = tuple(ready)
-            else:
-                self._events.pop(point, None)
+                dispatch, lines = _compile_dispatch(point, ordered, self._trace)
+                self._events[point] = dispatch
+                self._dispatch_lines[dispatch.__code__] = lines
             return
         if not ordered:
             self._slots.pop(point, None)
@@ -377,27 +480,25 @@ class Registry:
             chain = self._wrap(entry, functools.partial(entry.fn, chain))
         self._slots[point] = chain
 
-    def _annotate(self, exc: BaseException, point: str, ready: Callable[..., Any] | None) -> None:
+    def _annotate(self, exc: BaseException, point: str) -> None:
         """Add a note naming the hook and plugin that raised, keeping the exception type."""
-        entries = self._entries.get(point, [])
+        codes = {_code_of(e.fn): e for e in self._entries.get(point, [])}
         culprit = None
-        if ready is not None:
-            culprit = next((e for e in entries if self._ready_of(e) is ready), None)
-        if culprit is None:
-            # Slots: the deepest traceback frame that belongs to one of the implementations.
-            codes = {_code_of(e.fn): e for e in entries}
-            tb = exc.__traceback__
-            while tb is not None:
-                culprit = codes.get(tb.tb_frame.f_code, culprit)
-                tb = tb.tb_next
+        tb = exc.__traceback__
+        while tb is not None:
+            code = tb.tb_frame.f_code
+            lines = self._dispatch_lines.get(code)
+            if lines is not None:  # the generated dispatch: its line names the listener
+                culprit = lines.get(tb.tb_lineno, culprit)
+            else:  # slots: the deepest frame that belongs to one of the implementations
+                culprit = codes.get(code, culprit)
+            tb = tb.tb_next
         where = f"{culprit.name} (plugin {culprit.plugin or 'user'})" if culprit else "an implementation"
-        note = f"raised in {self._kinds.get(point, 'hook')} {point!r} by {where}"
+        kind = self.declared[point].kind if point in self.declared else "hook"
+        note = f"raised in {kind} {point!r} by {where}"
         notes = getattr(exc, "__notes__", [])
         if note not in notes:
             exc.add_note(note)
-
-    def _ready_of(self, entry: _Entry) -> Callable[..., Any] | None:
-        return self._ready_cache.get(id(entry))
 
     def _wrap(self, entry: _Entry, call: Callable[..., Any]) -> Callable[..., Any]:
         records = self._trace
@@ -438,8 +539,9 @@ def _constrain(point: str, entries: list[_Entry]) -> list[_Entry]:
     successors: dict[int, set[int]] = {i: set() for i in range(len(entries))}
     by_plugin: dict[str, list[int]] = {}
     for i, e in enumerate(entries):
-        if e.plugin:
-            by_plugin.setdefault(e.plugin, []).append(i)
+        # A plugin is named by its instance name ("lora") or its kind ("lora_sched").
+        for name in {e.plugin, e.plugin_kind} - {None}:
+            by_plugin.setdefault(name, []).append(i)  # type: ignore[arg-type]
     for i, e in enumerate(entries):
         for name in e.before:
             for j in by_plugin.get(name, ()):

@@ -18,12 +18,19 @@ import difflib
 import importlib
 import inspect
 import types
+import typing
 from importlib.metadata import entry_points
 from typing import Any
 
-__all__ = ["PluginError", "resolve", "available", "plugin_name", "validate_options", "closest"]
+__all__ = ["PluginError", "resolve", "available", "plugin_name", "validate_options", "closest", "DEFAULT_PLUGINS"]
 
 ENTRY_POINT_GROUP = "hookengine.plugins"
+
+# Entry-point names of the plugins every run uses unless told otherwise (``Engine.run``
+# fills in those not in use; a recipe says ``defaults: false`` to use none): the plan,
+# the loop, checkpoints, metrics and the progress bar. Names, not imports: core does not
+# depend on the plugins, it finds them like any user's plugin.
+DEFAULT_PLUGINS: tuple[str, ...] = ("train_sched", "trainer", "checkpoint", "logging", "progress")
 
 
 class PluginError(ValueError):
@@ -160,4 +167,8 @@ def _strict_for(value: Any) -> bool:
 
 
 def _type_name(hint: Any) -> str:
+    args = typing.get_args(hint)
+    if type(None) in args:  # Optional[X] reads "X or null", as a recipe author writes it
+        rest = [a for a in args if a is not type(None)]
+        return " or ".join(_type_name(a) for a in rest) + " or null"
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")

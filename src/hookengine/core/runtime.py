@@ -113,10 +113,25 @@ class Runtime:
         else:
             loss.backward()
 
-    def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.mixed_precision == "no":
+    def autocast(self, precision: str | None = None) -> contextlib.AbstractContextManager[Any]:
+        """Autocast for the run's precision, or for ``precision`` (a phase's) when given.
+
+        A phase may switch between ``no`` and ``bf16`` freely (no gradient scaler is
+        involved); ``fp16`` needs the scaler that only a run started in fp16 has.
+        """
+        precision = precision or self.mixed_precision
+        if precision == "no":
             return contextlib.nullcontext()
-        return self.accelerator.autocast()
+        if precision == self.mixed_precision:
+            return self.accelerator.autocast()
+        if precision == "bf16":
+            import torch
+
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        raise ValueError(
+            f"a phase asks for precision {precision!r} but the run started with {self.mixed_precision!r}: "
+            "fp16 needs a gradient scaler, so set runtime.mixed_precision=fp16 for the whole run"
+        )
 
     @contextlib.contextmanager
     def no_sync(self, models: list[Any]) -> Iterator[None]:

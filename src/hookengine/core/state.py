@@ -10,6 +10,8 @@ import random
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
+from .plan import Phase, Plan
+
 __all__ = ["Clock", "Control", "State", "capture_rng", "restore_rng"]
 
 
@@ -19,7 +21,8 @@ class Clock:
 
     ``step`` counts optimizer steps over the whole run; ``micro_step`` counts batches
     (forward/backward passes); ``phase_step`` counts optimizer steps inside the
-    current phase; ``batch_in_epoch`` is the data position used to resume mid-epoch.
+    current phase; ``batch_in_epoch`` is the data position used to resume mid-epoch;
+    ``accumulated`` counts batches whose gradients wait for the next optimizer step.
     """
 
     step: int = 0
@@ -27,6 +30,7 @@ class Clock:
     samples: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
+    accumulated: int = 0
     phase: str = ""
     phase_index: int = 0
     phase_step: int = 0
@@ -70,7 +74,7 @@ class Control:
 
 @dataclass
 class State:
-    """Everything a run has: clock, named models/optimizers/loaders, metrics, control.
+    """Everything a run has: clock, the plan, named models/optimizers/loaders, metrics, control.
 
     ``state_dict``/``load_state_dict`` cover clock, metrics, models, optimizers and RNG;
     the engine adds plugin states on top.
@@ -78,6 +82,7 @@ class State:
 
     clock: Clock = field(default_factory=Clock)
     control: Control = field(default_factory=Control)
+    plan: Plan = field(default_factory=Plan)
     models: dict[str, Any] = field(default_factory=dict)
     optimizers: dict[str, Any] = field(default_factory=dict)
     dataloaders: dict[str, Any] = field(default_factory=dict)
@@ -87,6 +92,16 @@ class State:
     is_main_process: bool = True
     # Set by the engine to the runtime's unwrap, so checkpoints hold plain module weights.
     unwrap: Callable[[Any], Any] = field(default=lambda model: model, repr=False)
+
+    @property
+    def phase(self) -> Phase:
+        """The phase of ``plan`` the clock is in."""
+        return self.plan.current(self.clock)
+
+    @property
+    def total_steps(self) -> int | None:
+        """Optimizer steps of the whole run from the plan and the loaders' lengths (or ``None``)."""
+        return self.plan.total_steps(self.dataloaders)
 
     def metric(self, name: str) -> float:
         """A metric as a Python float (tensors are converted only when asked for)."""

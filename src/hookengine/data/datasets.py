@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterator, Literal
 
 import numpy as np
 
+from ..core.points import BASE_PRIORITY
 from .images import BadSampleError, describe_source, open_image, to_tensor
 
 __all__ = ["DatasetPlugin", "Skipped", "MapDataset", "StreamBatches", "StreamItems", "default_collate"]
@@ -352,7 +353,7 @@ class DatasetPlugin:
         self.engine = engine
         for slot in SLOTS:
             # Base implementations: plugins that wrap them work whatever the order of use.
-            engine.attach(slot, getattr(self, f"_{slot}"), priority=-1000)
+            engine.attach(slot, getattr(self, f"_{slot}"), priority=BASE_PRIORITY)
         engine.on("setup", self.build)
         engine.on("batch_start", self._on_batch)
 

@@ -47,6 +47,30 @@ def scenes(split: str = "train", tile: int = 16, val_fraction: float = 0.1, seed
         yield {"image": canvas, "label": int(digits.target[index]), "width": canvas.width, "height": canvas.height}
 
 
+
+def digits_unet(
+    sample_size: int = 8,
+    channels: int = 1,
+    num_classes: int | None = 10,
+    width: int = 32,
+) -> Any:
+    """A small class-conditional ``UNet2DModel`` for 8x8 images (the digits demo)."""
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(
+        sample_size=sample_size,
+        in_channels=channels,
+        out_channels=channels,
+        layers_per_block=1,
+        block_out_channels=(width, 2 * width),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        attention_head_dim=8,
+        num_class_embeds=num_classes,
+    )
+
+
 class StyleShift:
     """Recolour batches during one phase: white-on-black digits become ``ink`` on ``paper``.
 
@@ -106,7 +130,7 @@ class DigitsVal:
 
     def setup(self, engine: Any) -> None:
         self.engine = engine
-        engine.on("setup", self._register, priority=5)
+        engine.on("setup", self._register, priority="early")
 
     def _register(self, state: Any) -> None:
         import numpy as np
@@ -136,15 +160,14 @@ class SampleTensors:
     The grids (PNG) are for people; these tensors let a test classify the samples.
 
     Args:
-        routine: the diffusion routine plugin's name.
         per_class: samples per class.
         steps: sampling steps.
     """
 
     name = "sample_tensors"
 
-    def __init__(self, routine: str = "diffusion", per_class: int = 4, steps: int = 25) -> None:
-        self.routine, self.per_class, self.steps = routine, per_class, steps
+    def __init__(self, per_class: int = 4, steps: int = 25) -> None:
+        self.per_class, self.steps = per_class, steps
 
     def setup(self, engine: Any) -> None:
         self.engine = engine
@@ -157,8 +180,7 @@ class SampleTensors:
         if not state.is_main_process or not state.run_dir:
             return
         labels = [c for c in range(10) for _ in range(self.per_class)]
-        routine = self.engine.plugins[self.routine]
-        images = routine.sample(labels=labels, steps=self.steps, seed=1234)
+        images = self.engine.call("sample", labels=labels, steps=self.steps, seed=1234)
         folder = Path(state.run_dir) / "samples"
         folder.mkdir(parents=True, exist_ok=True)
         save_file({"images": images.detach().float().cpu().contiguous(), "labels": torch.tensor(labels)},

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-__all__ = ["DigitsData", "DigitsConvNet", "load_digits_split"]
+from ..core.plugins import resolve
+
+__all__ = ["DigitsData", "DigitsConvNet", "load_digits_split", "evaluate_checkpoint"]
 
 
 def load_digits_split(val_fraction: float = 0.2, seed: int = 0) -> tuple[Any, Any, Any, Any]:
@@ -57,7 +60,7 @@ class DigitsData:
 
     def setup(self, engine: Any) -> None:
         self.engine = engine
-        engine.on("setup", self._register, priority=10)  # data first: others may size by it
+        engine.on("setup", self._register, priority="early")  # data first: others may size by it
 
     def _register(self, state: Any) -> None:
         import torch
@@ -77,3 +80,24 @@ class DigitsData:
             TensorDataset(tx, ty), batch_sampler=train, num_workers=self.num_workers, generator=generator
         )
         state.dataloaders["val"] = DataLoader(TensorDataset(vx, vy), batch_sampler=val, num_workers=self.num_workers)
+
+
+def evaluate_checkpoint(path: str, model: str, model_options: dict[str, Any] | None = None,
+                        model_name: str = "model") -> dict[str, float]:
+    """Validation loss and accuracy of one digits checkpoint (a job for ``fan_out``)."""
+    import torch
+
+    from ..training.checkpoint import load_tree
+    
+    tree = load_tree(Path(path))
+    net = resolve(model)(**(model_options or {}))
+    net.load_state_dict(tree["models"][model_name])
+    net.eval()
+    _, _, vx, vy = load_digits_split()
+    with torch.no_grad():
+        logits = net(vx)
+    return {
+        "step": tree["clock"]["step"],
+        "val_loss": float(torch.nn.functional.cross_entropy(logits, vy)),
+        "val_accuracy": float((logits.argmax(-1) == vy).float().mean()),
+    }

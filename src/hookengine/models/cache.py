@@ -224,6 +224,7 @@ class ModelCache:
         self.subscribe(lambda event, **payload: engine.fire(f"model_cache_{event}", **payload))
         engine.attach("acquire_model", lambda next_impl, name, device=None: self.acquire(name, device))
         engine.attach("prefetch_model", lambda next_impl, name, device=None: self.prefetch(name, device))
+        engine.attach("cached_model", lambda next_impl, name: self.model(name) if name in self._entries else next_impl(name))
         wanted = self._wanted()
         for name in wanted:
             if name in engine.state.models:

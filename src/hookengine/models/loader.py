@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
+from ..core.points import BASE_PRIORITY
 from .safety import ModelLoadError, UnsafeFileError, check_file, check_folder
 
 __all__ = ["ModelSpec", "ModelLoader", "ModelLoadError", "UnsafeFileError", "load_model", "detect_kind", "resolve_class"]
@@ -325,12 +326,12 @@ class ModelLoader:
     def setup(self, engine: Any) -> None:
         """Attach the base ``load_model`` / ``load_component`` implementations (innermost)."""
         self.engine = engine
-        engine.attach("load_model", self._load_model_slot, priority=-1000)
-        engine.attach("load_component", self._load_component_slot, priority=-1000)
+        engine.attach("load_model", self._load_model_slot, priority=BASE_PRIORITY)
+        engine.attach("load_component", self._load_component_slot, priority=BASE_PRIORITY)
         if self.load_on == "use":
             self.load_all()
         else:
-            engine.on("setup", lambda: self.load_all(), priority=100)
+            engine.on("setup", lambda: self.load_all(), priority="first")
 
     def load_all(self) -> dict[str, Any]:
         """Load every model named in the ``models`` option; returns name -> model."""

@@ -31,10 +31,11 @@ class Routine:
 
     def setup(self, engine: Any) -> None:
         self.engine = engine
-        self.plugin_name = engine.hooks.current_plugin or self.name
         engine.on("setup", self._on_setup)
         engine.attach("compute_loss", self._compute_loss)
         engine.attach("eval_step", self._eval_step)
+        if callable(getattr(self, "sample", None)):
+            engine.attach("sample", self._sample)
 
     # -- to implement --------------------------------------------------------
     def build(self, state: Any) -> None:
@@ -56,13 +57,8 @@ class Routine:
     # -- wiring ----------------------------------------------------------------
     def active(self) -> bool:
         """Whether the current phase runs this routine (a phase naming none runs any)."""
-        trainer = self.engine.plugins.get("trainer")
-        phases = getattr(trainer, "phases", None)
-        if not phases:
-            return True
-        index = min(self.engine.state.clock.phase_index, len(phases) - 1)
-        routine = phases[index].routine
-        return routine is None or routine == self.plugin_name
+        routine = self.engine.state.phase.routine
+        return routine is None or routine == getattr(self, "plugin_name", self.name)
 
     def _on_setup(self, state: Any) -> None:
         self.build(state)
@@ -76,6 +72,9 @@ class Routine:
 
     def _compute_loss(self, next_impl: Any, batch: Any) -> Any:
         return self.loss(batch) if self.active() else next_impl(batch)
+
+    def _sample(self, next_impl: Any, **options: Any) -> Any:
+        return self.sample(**options) if self.active() else next_impl(**options)  # type: ignore[attr-defined]
 
     def _eval_step(self, next_impl: Any, batch: Any) -> dict[str, float]:
         return self.metrics(batch) if self.active() else next_impl(batch)

@@ -25,34 +25,11 @@ from typing import Any, Literal
 
 from .base import Routine, samples_path
 
-__all__ = ["DiffusionRoutine", "digits_unet", "image_grid", "save_image_grid", "samples_path"]
+__all__ = ["DiffusionRoutine", "image_grid", "save_image_grid", "samples_path"]
 
 PredictionType = Literal["epsilon", "v_prediction", "flow_matching"]
 # Our names for the timestep densities of diffusers' ``compute_density_for_timestep_sampling``.
 _DENSITY = {"uniform": "none", "logit_normal": "logit_normal", "mode": "mode"}
-
-
-def digits_unet(
-    sample_size: int = 8,
-    channels: int = 1,
-    num_classes: int | None = 10,
-    width: int = 32,
-) -> Any:
-    """A small class-conditional ``UNet2DModel`` for 8x8 images (the digits demo)."""
-    from diffusers import UNet2DModel
-
-    return UNet2DModel(
-        sample_size=sample_size,
-        in_channels=channels,
-        out_channels=channels,
-        layers_per_block=1,
-        block_out_channels=(width, 2 * width),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=8,
-        attention_head_dim=8,
-        num_class_embeds=num_classes,
-    )
 
 
 class DiffusionRoutine(Routine):
@@ -68,7 +45,7 @@ class DiffusionRoutine(Routine):
             only) or the name of a pipeline in ``state.models``; its modules are
             registered in ``state.models`` under the names above.
         model, model_options: ``module:attr`` factory of the denoiser (with its keyword
-            arguments) when no ``unet`` is in ``state.models`` (e.g. :func:`digits_unet`).
+            arguments) when no ``unet`` is in ``state.models`` (e.g. the demo's ``hookengine.demo.digit_scenes:digits_unet``).
         prediction_type: what the model predicts; default: the scheduler's
             ``prediction_type`` (flow matching for flow-matching schedulers).
         snr_gamma: min-SNR loss weighting (epsilon and v-prediction).

@@ -7,7 +7,7 @@ loss = Σ_k w_k(t) · T(t)² · KL(softmax(teacher_k / T) ‖ softmax(student / 
 with ``t = state.clock.step``. Teacher weights, the temperature and the other weights are
 schedules (a number, a callable, ``module:attr`` or ``{"schedule": NAME, ...}``); they are
 not normalised. Teachers run in eval mode without gradients; they come from
-``state.models`` or, when a model cache plugin holds them, from ``cache.acquire``.
+``state.models`` or, when a model cache holds them, through its ``acquire_model`` slot.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import contextlib
 import weakref
 from typing import Any, Callable, Iterator
 
+from ..core.hooks import HookError
 from .base import Routine
 
 __all__ = ["Distillation", "kd_loss"]
@@ -57,7 +58,6 @@ class Distillation(Routine):
         inputs, targets: keys (dict batches) or positions (tuple batches) of the model
             input and of the labels (``None``: no labels). ``inputs=None`` passes a dict
             batch, less its targets, as keyword arguments.
-        cache: the name of the model cache plugin to fetch teachers from.
     """
 
     name = "distill"
@@ -75,7 +75,6 @@ class Distillation(Routine):
         hard_weight: Any = 0.0,
         inputs: str | int | None = 0,
         targets: str | int | None = 1,
-        cache: str = "model_cache",
     ) -> None:
         from ..sched.optim import value_schedule
 
@@ -91,7 +90,6 @@ class Distillation(Routine):
         self.feature_weight = value_schedule(feature_weight, "distill.feature_weight")
         self.hard_weight = value_schedule(hard_weight, "distill.hard_weight")
         self.inputs, self.targets = inputs, targets
-        self.cache_name = cache
         self._captured: dict[str, dict[str, Any]] = {}  # model name -> module path -> output
         self._handles: dict[str, list[Any]] = {}  # model name -> its feature hooks (ModuleHandle)
         self._cached_objects: dict[str, Any] = {}  # cached teacher name -> weakref to the object hooked
@@ -105,39 +103,40 @@ class Distillation(Routine):
             if self.model_ref is None:
                 raise ValueError(f"distill: no student {self.student_name!r} in state.models; give model= (a module:attr factory)")
             state.models[self.student_name] = resolve(self.model_ref)(**self.model_options)
-        cache = self._cache()
         for name in self.teacher_weights:
-            teacher = self._teacher_object(name, cache)
+            teacher = self._teacher_object(name)
             teacher.requires_grad_(False)  # never in the optimizer, never a graph
-            if not self._in_cache(name, cache):
+            if self._cached(name) is None:
                 self._hook_features(name, list(self.features.values()))
         self._hook_features(self.student_name, list(self.features))
 
-    def _cache(self) -> Any:
-        cache = self.engine.plugins.get(self.cache_name)
-        return cache if cache is not None and hasattr(cache, "acquire") else None
+    def _cached(self, name: str) -> Any:
+        """The teacher a model cache holds (through its ``cached_model`` slot), or ``None``."""
+        if not self.engine.has("cached_model"):
+            return None
+        try:
+            return self.engine.call("cached_model", name)
+        except HookError:  # no cache holds it: the chain ran past every implementation
+            return None
 
-    def _in_cache(self, name: str, cache: Any) -> bool:
-        return cache is not None and name in cache.names()
-
-    def _teacher_object(self, name: str, cache: Any) -> Any:
-        if self._in_cache(name, cache):
-            return cache.model(name)
+    def _teacher_object(self, name: str) -> Any:
+        cached = self._cached(name)
+        if cached is not None:
+            return cached
         if name in self.engine.state.models:
             return self.engine.runtime.unwrap(self.engine.state.models[name])
-        where = f" or in the model cache {self.cache_name!r}" if cache is not None else ""
+        where = " or in a model cache" if self.engine.has("cached_model") else ""
         raise KeyError(f"distill: no teacher {name!r} in state.models{where}; models: {sorted(self.engine.state.models)}")
 
     @contextlib.contextmanager
     def teacher(self, name: str) -> Iterator[Any]:
         """The teacher ready to run: on the device (through the cache when it holds it), in eval mode."""
-        cache = self._cache()
-        if self._in_cache(name, cache):
-            with cache.acquire(name, str(self.device)) as model:
+        if self._cached(name) is not None:
+            with self.engine.call("acquire_model", name, str(self.device)) as model:
                 self._hook_cached_features(name, model)
                 yield self._ready(model)
         else:
-            yield self._ready(self._teacher_object(name, cache))
+            yield self._ready(self._teacher_object(name))
 
     @staticmethod
     def _ready(model: Any) -> Any:

@@ -142,7 +142,7 @@ class KerasCallbacks:
 
     def setup(self, engine: Any) -> None:
         self.engine = engine
-        engine.on("setup", self._train_begin, priority=-100)  # after the routines built the models
+        engine.on("setup", self._train_begin, priority="last")  # after the routines built the models
         engine.on("epoch_start", self._epoch_begin)
         engine.on("batch_start", self._batch_begin)
         engine.on("batch_end", self._batch_end)
@@ -179,10 +179,9 @@ class KerasCallbacks:
     def _params(self, state: Any) -> dict[str, Any]:
         """What ``model.fit`` would tell its callbacks: verbosity, epochs, steps per epoch."""
         params: dict[str, Any] = {"verbose": 0}
-        phases = getattr(self.engine.plugins.get("trainer"), "phases", None)
-        if phases:
-            params["epochs"] = sum(p.epochs or 0 for p in phases) or None
-        loader = state.dataloaders.get(phases[0].data if phases else "train")
+        phases = state.plan.phases
+        params["epochs"] = sum(p.epochs or 0 for p in phases) or None
+        loader = state.dataloaders.get(phases[0].data)
         if hasattr(loader, "__len__"):
             params["steps"] = len(loader)
         return params

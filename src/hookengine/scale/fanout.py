@@ -10,12 +10,11 @@ is also the reference the Ray results are tested against.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
 from ..core.plugins import resolve
 
-__all__ = ["RayFanout", "fan_out_local", "evaluate_checkpoint", "teacher_logits"]
+__all__ = ["RayFanout", "fan_out_local", "teacher_logits"]
 
 
 def _call(reference: str, item: Any, kwargs: dict[str, Any]) -> Any:
@@ -91,28 +90,6 @@ class RayFanout:
 
 
 # ------------------------------------------------------------------ prepared jobs
-def evaluate_checkpoint(path: str, model: str, model_options: dict[str, Any] | None = None,
-                        model_name: str = "model") -> dict[str, float]:
-    """Validation loss and accuracy of one digits checkpoint (a job for ``fan_out``)."""
-    import torch
-
-    from ..training.checkpoint import load_tree
-    from ..demo.digits import load_digits_split
-
-    tree = load_tree(Path(path))
-    net = resolve(model)(**(model_options or {}))
-    net.load_state_dict(tree["models"][model_name])
-    net.eval()
-    _, _, vx, vy = load_digits_split()
-    with torch.no_grad():
-        logits = net(vx)
-    return {
-        "step": tree["clock"]["step"],
-        "val_loss": float(torch.nn.functional.cross_entropy(logits, vy)),
-        "val_accuracy": float((logits.argmax(-1) == vy).float().mean()),
-    }
-
-
 def teacher_logits(teacher: dict[str, Any], inputs: Any) -> Any:
     """Logits of one teacher (``{"model": "module:attr", "options": {...}, "seed": n}``)."""
     import torch

@@ -99,12 +99,12 @@ class LayerScheduler:
 
     def setup(self, engine: Any) -> None:
         self.engine = engine
-        # After the routines' setup listeners (they register the models).
-        engine.on("setup", self._on_setup, priority=-100)
+        # After every built-in that builds models, adds adapters or sets trainable models.
+        engine.on("setup", self._on_setup, priority="last")
         # Outermost: wraps whichever plugin builds the optimizer.
-        engine.attach("build_optimizer", self._build, priority=100)
-        engine.on("phase_start", self._on_boundary, priority=100)
-        engine.on("step_end", self._on_boundary, priority=100)
+        engine.attach("build_optimizer", self._build, priority="first")
+        engine.on("phase_start", self._on_boundary, priority="first")
+        engine.on("step_end", self._on_boundary, priority="first")
 
     # ------------------------------------------------------------ discovery
     def _managed(self, models: dict[str, Any]) -> dict[str, Any]:
@@ -161,16 +161,11 @@ class LayerScheduler:
         if self.total_steps is not None:
             self._total = self.total_steps
         else:
-            trainer = self.engine.plugins.get("trainer")
-            self._total = getattr(trainer, "total_steps", None)
+            self._total = self.engine.state.total_steps
         return self._total
 
     def _phase_name(self) -> str:
-        clock = self.engine.state.clock
-        phases = getattr(self.engine.plugins.get("trainer"), "phases", None)
-        if phases and clock.phase_index < len(phases):
-            return phases[clock.phase_index].name
-        return clock.phase
+        return self.engine.state.phase.name
 
     def frozen_units(self, count: int) -> int:
         """How many units (from the input side) are frozen now, out of ``count``."""
@@ -232,7 +227,7 @@ class LayerScheduler:
         self._applied = plan
         total = sum(len(p) for p in self.params.values())
         self.engine.state.metrics["frozen_fraction"] = len(plan) / total if total else 0.0
-        if rewrap and self.engine.hooks.has("rewrap_models"):
+        if rewrap and self.engine.has("rewrap_models"):
             self.engine.call("rewrap_models")
         elif rewrap and self.engine.runtime.started and self.engine.runtime.distributed:
             raise RuntimeError(

@@ -101,15 +101,14 @@ class LoraScheduler:
 
     def setup(self, engine: Any) -> None:
         self.engine = engine
-        self.plugin_name = engine.hooks.current_plugin or self.name
-        # After the routines build the models (priority 0), before layer/model schedulers
-        # look at which parameters train.
-        engine.on("setup", self._on_setup, priority=-50)
-        engine.on("phase_start", self._on_phase_start, priority=80)
-        engine.on("batch_start", self._write_scales, priority=100)
-        engine.on("run_end", self._save, priority=10)  # before the final checkpoint
-        engine.on("run_end", self._merge, priority=-10)  # after it
-        engine.attach("load_checkpoint", self._before_load, priority=50)
+        # After the routines build the models (default band), before model_sched and
+        # layer_sched look at which parameters train (they run after lora_sched).
+        engine.on("setup", self._on_setup, priority="late")
+        engine.on("phase_start", self._on_phase_start, priority="early")
+        engine.on("batch_start", self._write_scales, priority="first")
+        engine.on("run_end", self._save, before="checkpoint")  # the final checkpoint may merge
+        engine.on("run_end", self._merge, after="checkpoint")
+        engine.attach("load_checkpoint", self._before_load, priority="early")
 
     # ------------------------------------------------------------- adding
     def _targets_of(self, name: str) -> dict[str, list[str]]:
@@ -155,7 +154,7 @@ class LoraScheduler:
 
     def _on_setup(self, state: Any) -> None:
         early = [n for n, s in self.specs.items() if s.start_phase is None]
-        phases = [p.name for p in getattr(self.engine.plugins.get("trainer"), "phases", [])]
+        phases = self.engine.state.plan.phase_names
         for name, spec in self.specs.items():
             if spec.start_phase is not None and phases and spec.start_phase not in phases:
                 raise ValueError(
@@ -179,7 +178,7 @@ class LoraScheduler:
 
     def _rewrap(self) -> None:
         # DDP must see the new trainable parameters on every rank (NOTES.md).
-        if self.engine.hooks.has("rewrap_models"):
+        if self.engine.has("rewrap_models"):
             self.engine.call("rewrap_models")
 
     def _extend_optimizer(self, params: list[Any]) -> None:

@@ -82,21 +82,16 @@ class LRScheduler:
 
     def setup(self, engine: Any) -> None:
         self.engine = engine
-        # Low priority: runs after plugins that change groups' scale/multiplier keys.
-        engine.on("before_optimizer_step", self._write, priority=-50)
+        # Late: runs after plugins that change groups' scale/multiplier keys.
+        engine.on("before_optimizer_step", self._write, priority="late")
         engine.on("evaluate_end", self._observe)
 
     # ------------------------------------------------------------ building
     def _run_length(self) -> int | None:
         if self.total_steps is not None:
             return self.total_steps
-        trainer = self.engine.plugins.get("trainer")
-        if trainer is None:
-            return None
-        if self.interval == "epoch":
-            epochs = [p.epochs for p in getattr(trainer, "phases", [])]
-            return sum(epochs) if epochs and all(e is not None for e in epochs) else None
-        return getattr(trainer, "total_steps", None)
+        state = self.engine.state
+        return state.plan.total_epochs() if self.interval == "epoch" else state.total_steps
 
     def _reference_group(self) -> dict[str, Any]:
         for optimizer in self._optimizers():

@@ -214,18 +214,18 @@ class ModelScheduler:
 
     def setup(self, engine: Any) -> None:
         self.engine = engine
-        # After routines build the models (0) and lora_sched adds adapters (-50).
-        engine.on("setup", self._on_setup, priority=-60)
-        engine.on("setup", self._start_ema, priority=-70)
-        engine.attach("build_optimizer", self._build, priority=90)
-        # After lora_sched adds phase adapters (80).
-        engine.on("phase_start", self._on_phase_start, priority=50)
+        # After routines build the models (default band) and lora_sched adds adapters;
+        # EMA copies start once the trainable sets are final.
+        engine.on("setup", self._on_setup, priority="late", after="lora_sched")
+        engine.on("setup", self._start_ema, priority="late", after="lora_sched")
+        engine.attach("build_optimizer", self._build, priority="early")  # inside layer_sched's
+        engine.on("phase_start", self._on_phase_start, priority="early", after="lora_sched")
         engine.on("epoch_start", self._teachers_eval)
-        engine.on("step_end", self._on_step_end, priority=100)
+        engine.on("step_end", self._on_step_end, priority="first")  # EMA before checkpoints and logs
         if self.emas:
-            engine.on("run_end", self._save_ema, priority=10)
+            engine.on("run_end", self._save_ema, before="checkpoint")
         if any(e.spec.evaluate for e in self.emas):
-            engine.attach("evaluate", self._evaluate_with_ema, priority=100)
+            engine.attach("evaluate", self._evaluate_with_ema, priority="first")
 
     # ------------------------------------------------------------ naming
     def _models(self) -> dict[str, Any]:
@@ -243,13 +243,11 @@ class ModelScheduler:
         raise KeyError(f"{where}: {entry!r} names no model{closest(head, models)}; models: {sorted(models)}")
 
     def _phase(self) -> Any:
-        phases = getattr(self.engine.plugins.get("trainer"), "phases", None)
-        index = self.engine.state.clock.phase_index
-        return phases[index] if phases and index < len(phases) else None
+        return self.engine.state.phase
 
     def _named_anywhere(self) -> set[str]:
         named = {self._split(k, "model_sched.train")[0] for k in self.rules}
-        for phase in getattr(self.engine.plugins.get("trainer"), "phases", []) or []:
+        for phase in self.engine.state.plan.phases:
             named.update(self._split(e, f"phases.{phase.name}.train")[0] for e in phase.train or [])
         return named
 
@@ -311,7 +309,7 @@ class ModelScheduler:
                 if name not in train:
                     param.grad = None  # torch optimizers skip parameters without a gradient
         self._applied = plan
-        if rewrap and self.engine.hooks.has("rewrap_models"):
+        if rewrap and self.engine.has("rewrap_models"):
             self.engine.call("rewrap_models")  # DDP must see the change on every rank
         return True
 
@@ -374,7 +372,7 @@ class ModelScheduler:
                 )
             ema.track(self.engine.runtime.unwrap(state.models[ema.spec.model]))
         if self.emas:
-            self.engine.on("phase_start", self._retrack, priority=40)
+            self.engine.on("phase_start", self._retrack, priority="early", after="lora_sched")
 
     def _retrack(self, state: Any) -> None:
         # Adapters added at a phase start join the average from their value then.

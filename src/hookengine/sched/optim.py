@@ -203,7 +203,7 @@ class OptimizerScheduler:
     def setup(self, engine: Any) -> None:
         self.engine = engine
         engine.attach("build_optimizer", self._build)
-        engine.on("phase_start", self._phase_start, priority=50)
+        engine.on("phase_start", self._phase_start, priority="early", after=("lora_sched", "model_sched"))
         engine.on("before_optimizer_step", self._write)
 
     # --------------------------------------------------------------- specs
@@ -213,12 +213,7 @@ class OptimizerScheduler:
         return phase if phase in self.phases else "default"
 
     def _phase_name(self) -> str:
-        clock = self.engine.state.clock
-        trainer = self.engine.plugins.get("trainer")
-        phases = getattr(trainer, "phases", None)
-        if phases and clock.phase_index < len(phases):
-            return phases[clock.phase_index].name
-        return clock.phase
+        return self.engine.state.phase.name
 
     def spec(self, key: str | None = None) -> dict[str, Any]:
         """The settings for spec ``key`` (default: the current one)."""
@@ -226,9 +221,9 @@ class OptimizerScheduler:
         return {**self.base, **self.phases.get(key, {})}
 
     def _defaults(self, spec: dict[str, Any]) -> tuple[float, float]:
-        trainer = self.engine.plugins.get("trainer")
-        lr = spec["lr"] if spec["lr"] is not None else getattr(trainer, "lr", 1e-3)
-        wd = spec["weight_decay"] if spec["weight_decay"] is not None else getattr(trainer, "weight_decay", 0.0)
+        plan = self.engine.state.plan
+        lr = spec["lr"] if spec["lr"] is not None else plan.lr
+        wd = spec["weight_decay"] if spec["weight_decay"] is not None else plan.weight_decay
         return float(lr), float(wd)
 
     def _kwargs(self, cls: type, spec: dict[str, Any]) -> dict[str, Any]:

@@ -14,6 +14,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from ..core.points import BASE_PRIORITY
+
 __all__ = ["Checkpointing", "CheckpointError", "save_tree", "load_tree", "latest_checkpoint"]
 
 _PREFIX = "step-"
@@ -207,8 +209,8 @@ class Checkpointing:
 
     def setup(self, engine: Any) -> None:
         self.engine = engine
-        engine.attach("save_checkpoint", self._save, priority=-1000)  # base implementation
-        engine.attach("load_checkpoint", self._load, priority=-1000)
+        engine.attach("save_checkpoint", self._save, priority=BASE_PRIORITY)  # base implementation
+        engine.attach("load_checkpoint", self._load, priority=BASE_PRIORITY)
         engine.on("resume", self._resume)
         if self.every:
             engine.on("step_end", self._request, every=self.every)

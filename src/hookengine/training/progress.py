@@ -26,7 +26,7 @@ class ProgressBar:
         self.engine = engine
         if not self.enabled:
             return
-        engine.on("resume", self._open, priority=-100)  # after the checkpoint is loaded
+        engine.on("resume", self._open, priority="last")  # after the checkpoint is loaded
         engine.on("step_end", self._advance)
         engine.on("step_end", self._describe, every=self.refresh_every)
         engine.on("teardown", self._close)
@@ -36,8 +36,7 @@ class ProgressBar:
             return
         from tqdm.auto import tqdm
 
-        trainer = self.engine.plugins.get("trainer")
-        total = getattr(trainer, "total_steps", None)
+        total = state.total_steps
         self.bar = tqdm(total=total, initial=state.clock.step, unit="step", dynamic_ncols=True, mininterval=0.5)
 
     def _advance(self, state: Any) -> None:

@@ -1,68 +1,39 @@
 """The training loop, as a plugin: it attaches the slot ``run`` and the step slots.
 
-Nothing here is privileged: every part is a slot or an event that another plugin can
-wrap or replace (see docs/CONTRACT.md for the order of events).
+Nothing here is privileged: the loop walks ``state.plan`` (written by ``train_sched``),
+fires the declared events and calls slots that any plugin can wrap or replace (see
+:mod:`hookengine.core.points` for the order, and the plugin guide for a loop of your own).
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from ..core.plan import Phase
+from ..core.plugins import PluginError
+from ..core.points import BASE_PRIORITY
 
 __all__ = ["TrainingLoop", "Phase", "NonFiniteLossError", "BASE_PRIORITY"]
-
-# Priority of the built-in base implementations of slots (innermost in every chain).
-BASE_PRIORITY = -1000
 
 
 class NonFiniteLossError(FloatingPointError):
     """The loss was NaN or infinite; the message names the step, epoch and batch."""
 
 
-class Phase(BaseModel):
-    """One stretch of training: its length, its data, and settings for plugins.
-
-    ``routine`` and ``train`` are read by the training-routine and model schedulers;
-    ``settings`` is free-form for plugins.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = "train"
-    steps: int | None = Field(default=None, ge=1)
-    epochs: int | None = Field(default=None, ge=1)
-    data: str = "train"
-    routine: str | None = None
-    train: list[str] | None = None
-    settings: dict[str, Any] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _one_length(self) -> "Phase":
-        if self.steps is None and self.epochs is None:
-            self.epochs = 1
-        return self
-
-
 class TrainingLoop:
     """Phases, epochs and batches, with events and slots at every step.
 
     Args:
-        epochs: epochs of the default phase (when ``phases`` is not given).
-        max_steps: optimizer steps of the default phase, or a cap on the whole run.
-        phases: the phases, in order (each a :class:`Phase` or a mapping).
-        gradient_accumulation_steps: batches per optimizer step.
-        optimizer: a ``torch.optim`` class name or ``module:attr`` (default slot
-            ``build_optimizer``; optim_sched replaces it).
-        lr, weight_decay, optimizer_options: arguments for that optimizer.
         grad_clip: clip the gradient norm to this value before each optimizer step.
         eval_every: run ``evaluate`` every N optimizer steps (0: only at phase ends).
         eval_at_phase_end: run ``evaluate`` when a phase ends.
         nonfinite: what a NaN/inf loss does: ``stop`` (raise, naming the step),
             ``skip`` (no optimizer step for that batch, counted in metrics), ``ignore``.
+        epochs, max_steps, phases, gradient_accumulation_steps, optimizer, lr,
+            weight_decay, optimizer_options: short forms of the same ``train_sched``
+            options (they write ``state.plan``; setting a key in both places is an error).
     """
 
     name = "trainer"
@@ -71,38 +42,41 @@ class TrainingLoop:
         self,
         epochs: int | None = None,
         max_steps: int | None = None,
-        phases: list[Phase] | None = None,
-        gradient_accumulation_steps: int = 1,
-        optimizer: str = "AdamW",
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
+        phases: list[dict[str, Any]] | None = None,
+        gradient_accumulation_steps: int | None = None,
+        optimizer: str | None = None,
+        lr: float | None = None,
+        weight_decay: float | None = None,
         optimizer_options: dict[str, Any] | None = None,
         grad_clip: float | None = None,
         eval_every: int = 0,
         eval_at_phase_end: bool = True,
         nonfinite: Literal["stop", "skip", "ignore"] = "stop",
     ) -> None:
-        if gradient_accumulation_steps < 1:
+        if gradient_accumulation_steps is not None and gradient_accumulation_steps < 1:
             raise ValueError("trainer.gradient_accumulation_steps must be >= 1")
-        if phases:
-            self.phases = [p if isinstance(p, Phase) else Phase.model_validate(p) for p in phases]
-        else:
-            self.phases = [Phase(name="train", epochs=epochs if max_steps is None else None, steps=max_steps)]
-        self.max_steps = max_steps
-        self.accumulation = gradient_accumulation_steps
-        self.optimizer = optimizer
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.optimizer_options = optimizer_options or {}
+        self.plan_options = dict(
+            phases=phases,
+            epochs=epochs,
+            max_steps=max_steps,
+            accumulation=gradient_accumulation_steps,
+            optimizer=optimizer,
+            lr=lr,
+            weight_decay=weight_decay,
+            optimizer_options=optimizer_options,
+        )
         self.grad_clip = grad_clip
         self.eval_every = eval_every
         self.eval_at_phase_end = eval_at_phase_end
         self.nonfinite = nonfinite
         self.skipped_nonfinite = 0
+        self.accumulation = 1  # of the current phase, read once per phase (hot path)
+        self.precision: str | None = None
 
     # ----------------------------------------------------------------- setup
     def setup(self, engine: Any) -> None:
         self.engine = engine
+        engine.state.plan.configure(getattr(self, "plugin_name", self.name), **self.plan_options)
         # Base implementations sit innermost (low priority), so any plugin's
         # implementation wraps them whether it was attached before or after.
         for point, impl in (
@@ -110,11 +84,8 @@ class TrainingLoop:
             ("train_step", self._train_step),
             ("backward", self._backward),
             ("optimizer_step", self._optimizer_step),
-            ("build_optimizer", self._build_optimizer),
-            ("epoch_batches", self._epoch_batches),
             ("evaluate", self._evaluate),
             ("eval_step", self._eval_step),
-            ("rewrap_models", self._rewrap_models),
         ):
             engine.attach(point, impl, priority=BASE_PRIORITY)
 
@@ -124,49 +95,34 @@ class TrainingLoop:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.skipped_nonfinite = state.get("skipped_nonfinite", 0)
 
-    @property
-    def total_steps(self) -> int | None:
-        """Optimizer steps of the whole run, when every phase's length is known."""
-        total = 0
-        state = self.engine.state
-        for phase in self.phases:
-            if phase.steps is not None:
-                total += phase.steps
-                continue
-            loader = state.dataloaders.get(phase.data)
-            try:
-                batches = len(loader)  # type: ignore[arg-type]
-            except TypeError:
-                return self.max_steps
-            total += phase.epochs * (batches // self.accumulation)  # type: ignore[operator]
-        return min(total, self.max_steps) if self.max_steps else total
-
     # ------------------------------------------------------------------ run
     def _run(self, next_impl: Any) -> Any:
         engine, state = self.engine, self.engine.state
-        runtime = engine.runtime
+        runtime, plan, clock = engine.runtime, state.plan, state.clock
         state.is_main_process = runtime.is_main_process
+        if not engine.has("prepare"):  # the plan's slots come from train_sched (or a replacement)
+            engine.use("train_sched")
         try:
             engine.fire("setup")
-            self._prepare()
+            engine.call("prepare")
             engine.fire("resume")
-            clock = state.clock
             # The clock never points past the last phase, so a finished run resumed with
             # longer phases (or a higher max_steps) trains on instead of stopping at once.
-            clock.phase_index = min(clock.phase_index, len(self.phases) - 1)
+            clock.phase_index = min(clock.phase_index, len(plan.phases) - 1)
             while not self._should_stop():
-                phase = self.phases[clock.phase_index]
+                phase = state.phase
                 clock.phase = phase.name
+                self.accumulation = plan.accumulation_of(phase)
+                self.precision = phase.precision
                 engine.fire("phase_start", phase=phase)
                 self._run_phase(phase)
-                finished = self._phase_done(phase)
-                if finished or self._run_done():
+                finished = plan.phase_done(clock)
+                if finished or plan.run_done(clock):
                     if self.eval_at_phase_end:
                         self._run_evaluation()
                     engine.fire("phase_end", phase=phase)
-                if not finished or self._run_done() or clock.phase_index + 1 >= len(self.phases):
+                if not finished or plan.run_done(clock) or not plan.advance(clock):
                     break
-                self._next_phase()
             engine.fire("run_end")
             return state
         except BaseException as error:
@@ -176,97 +132,25 @@ class TrainingLoop:
             engine.fire("teardown")
             runtime.end()
 
-    def _prepare(self) -> None:
-        """Build the optimizer if no plugin did, then place and wrap the models."""
-        state = self.engine.state
-        for phase in self.phases:
-            if phase.routine is not None and phase.routine not in self.engine.plugins:
-                from ..core.plugins import PluginError, closest
-
-                raise PluginError(
-                    f"phase {phase.name!r}: unknown routine {phase.routine!r}"
-                    f"{closest(phase.routine, self.engine.plugins)}; plugins in use: {sorted(self.engine.plugins)}"
-                )
-        if not state.models:
-            from ..core.plugins import PluginError
-
-            raise PluginError(
-                "no model to train: use a routine or model plugin that registers one in state.models "
-                "(e.g. supervised, diffusion, causal_lm or model_loader)"
-            )
-        if not state.optimizers and self._trainable(state.models):
-            state.optimizers["main"] = self.engine.call("build_optimizer", state.models)
-        self._rewrap_models(None)
-        runtime = self.engine.runtime
-        for name, optimizer in state.optimizers.items():
-            state.optimizers[name] = runtime.prepare_optimizer(optimizer)
-
-    @staticmethod
-    def _trainable(models: dict[str, Any]) -> bool:
-        return any(p.requires_grad for m in models.values() if hasattr(m, "parameters") for p in m.parameters())
-
-    def _rewrap_models(self, next_impl: Any) -> None:
-        """(Re)place every model; trainable ones get DDP when distributed.
-
-        Call after a structural change (freezing, adapters) so DDP sees the new
-        set of trainable parameters on every rank.
-        """
-        runtime = self.engine.runtime
-        models = self.engine.state.models
-        for name, model in list(models.items()):
-            if not hasattr(model, "parameters"):
-                continue
-            model = runtime.unwrap(model)
-            if any(p.requires_grad for p in model.parameters()):
-                models[name] = runtime.prepare_model(model)
-            else:
-                models[name] = model.to(runtime.device)
-        if "_module_hooks" in self.engine.__dict__:
-            self.engine.module_hooks.refresh()
-
-    def _next_phase(self) -> None:
-        clock = self.engine.state.clock
-        current = self.phases[clock.phase_index]
-        clock.phase_index += 1
-        clock.phase_step = 0
-        clock.phase_epoch = 0
-        if clock.phase_index < len(self.phases) and self.phases[clock.phase_index].data != current.data:
-            clock.batch_in_epoch = 0
-
-    def _phase_done(self, phase: Phase) -> bool:
-        clock = self.engine.state.clock
-        if phase.steps is not None and clock.phase_step >= phase.steps:
-            return True
-        return phase.epochs is not None and phase.steps is None and clock.phase_epoch >= phase.epochs
-
-    def _run_done(self) -> bool:
-        return bool(self.max_steps) and self.engine.state.clock.step >= self.max_steps  # type: ignore[operator]
-
     def _should_stop(self) -> bool:
         return self.engine.state.control.stop_requested is not None
 
     def _run_phase(self, phase: Phase) -> None:
         engine, state = self.engine, self.engine.state
-        clock = state.clock
-        try:
-            loader = state.dataloaders[phase.data]
-        except KeyError:
-            from ..core.plugins import PluginError, closest
-
-            raise PluginError(
-                f"phase {phase.name!r} reads data {phase.data!r}{closest(phase.data, state.dataloaders)}, but no "
-                f"plugin registered it; data loaders: {sorted(state.dataloaders)}"
-            ) from None
+        clock, plan = state.clock, state.plan
+        loader = state.dataloaders.get(phase.data)
+        if loader is None:  # train_sched names the missing loader at phase_start; a user's plan may not
+            raise PluginError(f"phase {phase.name!r} reads data {phase.data!r}, which no plugin registered")
         for model in state.models.values():
             if hasattr(model, "train"):
                 model.train()
-        while not (self._phase_done(phase) or self._run_done() or self._should_stop()):
+        while not (plan.phase_done(clock) or plan.run_done(clock) or self._should_stop()):
             engine.fire("epoch_start")
             batches = engine.call("epoch_batches", loader, clock.epoch, clock.batch_in_epoch)
             finished_epoch = True
             for batch in batches:
                 self._step(batch)
-                if self._phase_done(phase) or self._run_done() or self._should_stop():
+                if plan.phase_done(clock) or plan.run_done(clock) or self._should_stop():
                     finished_epoch = False
                     break
             if finished_epoch:
@@ -305,11 +189,13 @@ class TrainingLoop:
     def _train_step(self, next_impl: Any, batch: Any) -> Any:
         engine, state = self.engine, self.engine.state
         clock, runtime = state.clock, engine.runtime
-        boundary = (clock.micro_step + 1) % self.accumulation == 0
-        if runtime.mixed_precision == "no":
+        # Batches since the last optimizer step live in the clock, so a phase may change
+        # the accumulation and a resume lands on the same boundary.
+        boundary = clock.accumulated + 1 >= self.accumulation
+        if runtime.mixed_precision == "no" and self.precision is None:
             loss = engine.call("compute_loss", batch)
         else:
-            with runtime.autocast():
+            with runtime.autocast(self.precision):
                 loss = engine.call("compute_loss", batch)
         if self.nonfinite != "ignore" and not math.isfinite(loss.item()):
             return self._nonfinite(loss, batch)
@@ -320,6 +206,7 @@ class TrainingLoop:
             with runtime.no_sync(list(state.models.values())):
                 engine.call("backward", scaled)
         engine.fire("after_backward", loss=loss)
+        clock.accumulated = 0 if boundary else clock.accumulated + 1
         if boundary:
             engine.fire("before_optimizer_step")
             engine.call("optimizer_step")
@@ -361,34 +248,6 @@ class TrainingLoop:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-    def _build_optimizer(self, next_impl: Any, models: dict[str, Any]) -> Any:
-        from ..core.plugins import resolve
-
-        import torch
-
-        cls = getattr(torch.optim, self.optimizer, None) if ":" not in self.optimizer else resolve(self.optimizer)
-        if cls is None:
-            from ..core.plugins import closest
-
-            names = [n for n in dir(torch.optim) if n[:1].isupper()]
-            raise ValueError(f"trainer.optimizer: unknown optimizer {self.optimizer!r}{closest(self.optimizer, names)}")
-        params = [p for m in models.values() if hasattr(m, "parameters") for p in m.parameters() if p.requires_grad]
-        return cls(params, lr=self.lr, weight_decay=self.weight_decay, **self.optimizer_options)
-
-    def _epoch_batches(self, next_impl: Any, loader: Any, epoch: int, start_batch: int) -> Any:
-        """The batches of one epoch from ``start_batch`` on (resume mid-epoch)."""
-        for holder in (getattr(loader, "batch_sampler", None), getattr(loader, "sampler", None), loader):
-            if holder is not None and hasattr(holder, "set_epoch"):
-                holder.set_epoch(epoch)
-        batch_sampler = getattr(loader, "batch_sampler", None)
-        if hasattr(batch_sampler, "set_start"):
-            batch_sampler.set_start(start_batch)
-            return loader
-        if hasattr(loader, "set_start"):
-            loader.set_start(start_batch)
-            return loader
-        return itertools.islice(loader, start_batch, None)
-
     # ---------------------------------------------------------- evaluation
     def _run_evaluation(self) -> None:
         metrics = self.engine.call("evaluate")
@@ -412,7 +271,7 @@ class TrainingLoop:
         count = 0.0
         rng = torch.get_rng_state()  # evaluation must not shift the training RNG stream
         try:
-            with torch.no_grad(), self.engine.runtime.autocast():
+            with torch.no_grad(), self.engine.runtime.autocast(self.precision):
                 for batch in loader:
                     n = float(_batch_size(batch))
                     for key, value in self.engine.call("eval_step", batch).items():
