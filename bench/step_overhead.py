@@ -1,7 +1,7 @@
 """Training-step overhead: hookengine (20 listeners attached) vs a hand-written torch loop.
 
 Same model (MLP 64-32-10), data, optimizer and seed; runs interleaved, one thread,
-medians of paired runs, ``gc.freeze()`` after warm-up (see NOTES.md). Ignite and
+medians of paired runs, ``gc.freeze()`` after warm-up (back-to-back raw runs differ by 5-17 % on shared machines). Ignite and
 Lightning are measured on the same work when installed (``pip install -e .[bench]``).
 
 Run: python bench/step_overhead.py [--steps 1000 --repeats 7]   (JSON line last)

@@ -46,7 +46,7 @@ def test_two_processes_lrs_equal_one_process_and_ranks_stay_equal(tmp_path: Path
 @pytest.mark.slow
 def test_without_rewrapping_ranks_drift(tmp_path: Path) -> None:
     """The negative control: unfreezing after DDP wrapped the model, without re-wrapping,
-    lets the unfrozen layers drift apart (NOTES.md) - the check above can fail."""
+    lets the unfrozen layers drift apart (docs/TRAPS.md) - the check above can fail."""
     ranks = torchrun(tmp_path, "--no-rewrap")
     assert ranks[0]["checksums"][:3] == ranks[1]["checksums"][:3]
     assert ranks[0]["checksums"][-1] != ranks[1]["checksums"][-1]

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from .plan import Phase, Plan
 
-__all__ = ["Clock", "Control", "State", "capture_rng", "restore_rng"]
+__all__ = ["Clock", "Control", "State", "as_number", "capture_rng", "restore_rng"]
 
 
 @dataclass
@@ -121,7 +121,7 @@ class State:
     def state_dict(self) -> dict[str, Any]:
         return {
             "clock": self.clock.state_dict(),
-            "metrics": {k: _plain(v) for k, v in self.metrics.items()},
+            "metrics": {k: as_number(v) for k, v in self.metrics.items()},
             "models": {name: self.unwrap(m).state_dict() for name, m in self.checkpointed_models().items()},
             "optimizers": {name: o.state_dict() for name, o in self.optimizers.items()},
             "rng": capture_rng(),
@@ -142,7 +142,8 @@ class State:
             restore_rng(state["rng"])
 
 
-def _plain(value: Any) -> Any:
+def as_number(value: Any) -> Any:
+    """A one-element tensor (or NumPy scalar) as a Python number; anything else as it is."""
     if hasattr(value, "item") and getattr(value, "numel", lambda: 1)() == 1:
         return value.item()
     return value

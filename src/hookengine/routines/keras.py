@@ -4,7 +4,7 @@ With the torch backend a Keras model is an ``nn.Module``: its trainable variable
 torch parameters, so the engine's optimizer, checkpoints and DDP see it as any other
 model. Keras must be imported with ``KERAS_BACKEND=torch``; this module sets that default
 before it imports keras, and refuses a keras already running on another backend.
-Keras writes ``~/.keras/keras.json`` unless ``KERAS_HOME`` is set (see NOTES.md).
+Keras writes ``~/.keras/keras.json`` unless ``KERAS_HOME`` is set (see docs/TRAPS.md).
 """
 
 from __future__ import annotations

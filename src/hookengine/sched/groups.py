@@ -76,7 +76,7 @@ def is_keras(model: Any) -> bool:
 
 
 def _keras_variables(model: Any) -> list[Any]:
-    # Keras lists a dropout seed tensor among the weights (NOTES.md): only float tensors train.
+    # Keras lists a dropout seed tensor among the weights (docs/TRAPS.md): only float tensors train.
     out = []
     for variable in model.weights:
         value = variable.value

@@ -18,7 +18,7 @@ weight decay included), so the optimizer's group layout never depends on the clo
 plugin wraps the slot ``build_optimizer`` to include them and to split groups by depth.
 Structural changes happen between optimizer steps (``step_end``) or at ``phase_start``;
 after one, the slot ``rewrap_models`` re-prepares the models, so DDP sees the new set of
-trainable parameters on every rank (NOTES.md: DDP and structural changes).
+trainable parameters on every rank (docs/TRAPS.md: DDP and structural changes).
 """
 
 from __future__ import annotations
@@ -232,7 +232,7 @@ class LayerScheduler:
         elif rewrap and self.engine.runtime.started and self.engine.runtime.distributed:
             raise RuntimeError(
                 "layer_sched changed which parameters train, but no plugin implements the slot "
-                "'rewrap_models': DDP ranks would drift apart (NOTES.md)"
+                "'rewrap_models': DDP ranks would drift apart (docs/TRAPS.md)"
             )
         return True
 

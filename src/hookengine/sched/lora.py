@@ -10,7 +10,7 @@ Adapters are injected into the models in place (:mod:`hookengine.sched.lora_ops`
 - **Scale**: each adapter's scale is a schedule of the optimizer step, written with
   PEFT's ``set_scale`` (absolute, relative to ``alpha / r``) before every batch. All of
   the plugin's adapters stay active; a scale of 0 switches one off without touching
-  ``requires_grad`` inside a phase (NOTES.md: DDP and structural changes).
+  ``requires_grad`` inside a phase (docs/TRAPS.md: DDP and structural changes).
 - **Later adapters** (``start_phase``) are injected when their phase starts; the models
   are re-wrapped and the optimizer gets a new param group. A resume re-injects them
   before the checkpoint is loaded, so the optimizer layout matches.
@@ -177,7 +177,7 @@ class LoraScheduler:
         self._write_scales(state)
 
     def _rewrap(self) -> None:
-        # DDP must see the new trainable parameters on every rank (NOTES.md).
+        # DDP must see the new trainable parameters on every rank (docs/TRAPS.md).
         if self.engine.has("rewrap_models"):
             self.engine.call("rewrap_models")
 

@@ -233,7 +233,7 @@ def _save_diffusers(parts: Mapping[str, Any], adapter: str, path: Path) -> Path:
     for component, model in parts.items():
         tensors.update({f"{component}.{k}": v for k, v in adapter_state_dict(model, adapter).items()})
         config = _json_safe(_groups.unwrap(model).peft_config[adapter])
-        # Without it diffusers assumes alpha = r and a reloaded adapter is silently wrong (NOTES.md).
+        # Without it diffusers assumes alpha = r and a reloaded adapter is silently wrong (docs/TRAPS.md).
         metadata.update({f"{component}.{k}": v for k, v in config.items()})
     _save_safetensors(tensors, path, {_METADATA_KEY: json.dumps(metadata, sort_keys=True)})
     return path

@@ -194,7 +194,7 @@ def _cosine_with_min_lr(step: int, *, warmup: int, total: int, num_cycles: float
 def _cosine_warmup_with_min_lr(
     step: int, *, warmup: int, total: int, num_cycles: float = 0.5, min_lr_rate: float, warmup_lr_rate: float | None = None
 ) -> float:
-    # One step ahead of the others: its warmup starts at 1/warmup, not 0 (see NOTES.md).
+    # One step ahead of the others: its warmup starts at 1/warmup, not 0 (see docs/TRAPS.md).
     s, w, t = float(step), float(warmup), float(total)
     if s < w:
         if warmup_lr_rate is None:
@@ -576,7 +576,7 @@ class MetricSchedule(LRSchedule):
         return value if base_lr == self.base_lr else value * (base_lr / self.base_lr)
 
     def state_dict(self) -> dict[str, Any]:
-        # torch's load_state_dict does not restore the lr itself (NOTES.md): keep it here.
+        # torch's load_state_dict does not restore the lr itself (docs/TRAPS.md): keep it here.
         return {"scheduler": self._scheduler.state_dict(), "lr": float(self._optimizer.param_groups[0]["lr"])}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

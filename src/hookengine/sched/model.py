@@ -18,7 +18,7 @@
 - **Teachers** are frozen and kept in eval mode.
 
 Changes of ``requires_grad`` happen at ``phase_start`` or after an optimizer step, and are
-followed by the slot ``rewrap_models`` (NOTES.md: DDP and structural changes).
+followed by the slot ``rewrap_models`` (docs/TRAPS.md: DDP and structural changes).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Each ``build_*`` function returns the objects; each ``save_*`` function writes them into a
 folder with ``save_pretrained`` (safetensors) and returns the folder. The configurations are
-the smallest that the libraries accept (see NOTES.md); weights are seeded, so two builds
+the smallest that the libraries accept; weights are seeded, so two builds
 with the same seed are equal.
 
 torch is imported here (``TinyNet`` is an ``nn.Module``); diffusers and transformers are

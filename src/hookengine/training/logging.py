@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..core.state import as_number
+
 __all__ = ["MetricsLogger", "plot_losses"]
 
 
@@ -53,7 +55,7 @@ class MetricsLogger:
             "phase": clock.phase,
             "samples": clock.samples,
             "time": round(time.perf_counter() - self._t0, 4),
-            **{k: _number(v) for k, v in values.items()},
+            **{k: as_number(v) for k, v in values.items()},
         }
         self.records.append(record)
         path = self.path
@@ -93,12 +95,6 @@ class MetricsLogger:
             self._finish(state)
         except Exception:  # noqa: BLE001 - never mask the original error
             pass
-
-
-def _number(value: Any) -> Any:
-    if hasattr(value, "item"):
-        return value.item()
-    return value
 
 
 def plot_losses(metrics_file: Path, output: Path) -> Path | None:
