@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from .hooks import Registry
-from .plugins import DEFAULT_PLUGINS, PluginError, available, plugin_name, resolve, validate_options
+from .plugins import DEFAULT_PLUGINS, PluginError, plugin_name, resolve_with_kind, validate_options
 from .points import Point
 from .runtime import Runtime
 from .state import State
@@ -211,13 +211,13 @@ class Engine:
         recorded as coming from it. Returns the plugin instance.
         """
         reference = plugin
-        plugin = resolve(plugin)
+        plugin, kind = resolve_with_kind(plugin)
         name = name or plugin_name(plugin)
         if name in self.plugins:
             raise PluginError(f"a plugin named {name!r} is already in use; pass name= to use another")
         where = f"plugins.{name}"
         validate_options(plugin, options, where)
-        kind = reference if isinstance(reference, str) and reference in available() else plugin_name(plugin)
+        kind = kind or plugin_name(plugin)
         for point in getattr(plugin, "hook_points", ()):
             self.hooks.declare(point.name, point.kind, point.payload, point.doc, owner=name, unit=point.unit)
         previous = self.hooks.current_plugin, self.hooks.current_kind

@@ -16,11 +16,26 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-__all__ = ["Phase", "Plan", "PlanError"]
+__all__ = ["Phase", "Plan", "PlanError", "PLAN_OPTIONS", "plan_settings"]
+
+# The plan's options as plugins take them (train_sched, and the trainer's short forms).
+PLAN_OPTIONS = ("phases", "epochs", "max_steps", "gradient_accumulation_steps", "optimizer", "lr",
+                "weight_decay", "optimizer_options")
 
 
 class PlanError(ValueError):
     """A phase or plan setting is invalid; the message names the phase and key."""
+
+
+def plan_settings(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The plan keys for :meth:`Plan.configure` from the option names in ``options``.
+
+    >>> plan_settings({"lr": 0.1, "gradient_accumulation_steps": 2, "grad_clip": 1.0})["accumulation"]
+    2
+    """
+    settings = {name: options.get(name) for name in PLAN_OPTIONS}
+    settings["accumulation"] = settings.pop("gradient_accumulation_steps")
+    return settings
 
 
 @dataclass

@@ -22,7 +22,7 @@ import typing
 from importlib.metadata import entry_points
 from typing import Any
 
-__all__ = ["PluginError", "resolve", "available", "plugin_name", "validate_options", "closest", "DEFAULT_PLUGINS"]
+__all__ = ["PluginError", "resolve", "resolve_with_kind", "available", "plugin_name", "validate_options", "closest", "DEFAULT_PLUGINS"]
 
 ENTRY_POINT_GROUP = "hookengine.plugins"
 
@@ -50,12 +50,17 @@ def closest(name: str, candidates: Any) -> str:
 
 def resolve(reference: Any) -> Any:
     """The plugin object for an entry-point name, a ``module:attr`` or a module path."""
+    return resolve_with_kind(reference)[0]
+
+
+def resolve_with_kind(reference: Any) -> tuple[Any, str | None]:
+    """The plugin object and, when ``reference`` is an entry-point name, that name (its kind)."""
     if not isinstance(reference, str):
-        return reference
+        return reference, None
     installed = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
     if reference in installed:
         try:
-            return installed[reference].load()
+            return installed[reference].load(), reference
         except Exception as exc:
             raise PluginError(
                 f"plugin {reference!r} (entry point {installed[reference].value}) failed to import: {exc}"
@@ -72,7 +77,7 @@ def resolve(reference: Any) -> Any:
             ) from None
         raise
     if not attr:
-        return module
+        return module, None
     target: Any = module
     for part in attr.split("."):
         try:
@@ -82,7 +87,7 @@ def resolve(reference: Any) -> Any:
             raise PluginError(
                 f"plugin {reference!r}: {module_name} has no attribute {part!r}{closest(part, names)}"
             ) from None
-    return target
+    return target, None
 
 
 def plugin_name(plugin: Any) -> str:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-from ..core.plan import Phase
+from ..core.plan import Phase, plan_settings
 from ..core.plugins import PluginError, closest, resolve
 from ..core.points import BASE_PRIORITY
 
@@ -58,16 +58,7 @@ class TrainScheduler:
         weight_decay: float | None = None,
         optimizer_options: dict[str, Any] | None = None,
     ) -> None:
-        self.options = dict(
-            phases=phases,
-            epochs=epochs,
-            max_steps=max_steps,
-            accumulation=gradient_accumulation_steps,
-            optimizer=optimizer,
-            lr=lr,
-            weight_decay=weight_decay,
-            optimizer_options=optimizer_options,
-        )
+        self.options = plan_settings(locals())
 
     def setup(self, engine: Any) -> None:
         self.engine = engine
@@ -129,8 +120,7 @@ class TrainScheduler:
                 models[name] = runtime.prepare_model(model)
             else:
                 models[name] = model.to(runtime.device)
-        if "_module_hooks" in self.engine.__dict__:  # module hooks follow re-wrapped models
-            self.engine.module_hooks.refresh()
+        self.engine.module_hooks.refresh()  # module hooks follow re-wrapped models
 
     def _build_optimizer(self, next_impl: Any, models: dict[str, Any]) -> Any:
         """The plan's default optimizer over every trainable parameter."""

@@ -11,7 +11,7 @@ import contextlib
 import math
 from typing import Any, Literal
 
-from ..core.plan import Phase
+from ..core.plan import Phase, plan_settings
 from ..core.plugins import PluginError
 from ..core.points import BASE_PRIORITY
 
@@ -55,16 +55,7 @@ class TrainingLoop:
     ) -> None:
         if gradient_accumulation_steps is not None and gradient_accumulation_steps < 1:
             raise ValueError("trainer.gradient_accumulation_steps must be >= 1")
-        self.plan_options = dict(
-            phases=phases,
-            epochs=epochs,
-            max_steps=max_steps,
-            accumulation=gradient_accumulation_steps,
-            optimizer=optimizer,
-            lr=lr,
-            weight_decay=weight_decay,
-            optimizer_options=optimizer_options,
-        )
+        self.plan_options = plan_settings(locals())
         self.grad_clip = grad_clip
         self.eval_every = eval_every
         self.eval_at_phase_end = eval_at_phase_end
