@@ -3,9 +3,11 @@
 Two kinds of model sets:
 
 - a Stable-Diffusion-style set (``unet``, ``vae``, ``text_encoder``, ``tokenizer``,
-  ``noise_scheduler``), found in ``state.models`` by name or loaded from a pipeline
-  folder; batches hold ``pixel_values`` (or precomputed ``latents``) and ``input_ids``
-  (or precomputed ``encoder_hidden_states``);
+  ``noise_scheduler``; SDXL-style adds ``text_encoder_2`` and ``tokenizer_2``), found in
+  ``state.models`` by name or loaded from a pipeline folder; batches hold
+  ``pixel_values`` (or precomputed ``latents``) and ``caption`` (text, tokenized and
+  encoded here with the pipeline's own tokenizers and encoders, see
+  :mod:`.captions`), ``input_ids`` or precomputed ``encoder_hidden_states``;
 - a pixel-space ``UNet2DModel`` (class-conditional with ``num_class_embeds``, or not);
   batches hold ``pixel_values`` and maybe ``class_labels``; no VAE.
 
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .base import Routine, samples_path
+from .captions import TextEncoders, prepare_captions
 
 __all__ = ["DiffusionRoutine", "image_grid", "save_image_grid", "samples_path"]
 
@@ -37,6 +40,7 @@ class DiffusionRoutine(Routine):
 
     Args:
         unet, vae, text_encoder, tokenizer: names of the components in ``state.models``.
+        text_encoder_2, tokenizer_2: the second pair of an SDXL-style pipeline.
         noise_scheduler: name in ``state.models``, a folder with ``scheduler_config.json``,
             or a mapping ``{"class": "DDPMScheduler", **config}``; default: the pipeline's
             scheduler, else ``DDPMScheduler()`` (``FlowMatchEulerDiscreteScheduler()`` for
@@ -58,6 +62,17 @@ class DiffusionRoutine(Routine):
         train_text_encoder: leave the text encoder trainable (frozen by default).
         image_key, label_key, latents_key: where images, class labels and precomputed
             (already scaled) latents are in a batch (dict keys or tuple positions).
+        caption_key: where the captions (a list of str) are in a batch; they are
+            tokenized and encoded when the batch has no ``input_ids`` or
+            ``encoder_hidden_states``.
+        caption_dropout: probability that a training caption becomes the empty prompt
+            (its embedding is computed once while the text encoders are frozen).
+        shuffle_caption, keep_tokens, caption_separator: kohya's tag shuffling: split a
+            caption on ``caption_separator``, keep the first ``keep_tokens`` tags in
+            place, shuffle the others. Dropout and shuffles are drawn from
+            ``(seed, batch, process, position)``, so a resumed run sees the same captions.
+        cache_text_embeddings: remember each caption's embedding (in memory) while the
+            text encoders are frozen.
         pixel_range: the range of the images in batches (mapped to [-1, 1]).
         seed: a private generator for noise and timesteps, ``seed + process index``
             (``None``: torch's global RNG, as the diffusers scripts).
@@ -68,6 +83,9 @@ class DiffusionRoutine(Routine):
         sample_labels: class labels of the samples (default: every class).
         sample_steps: inference steps; sample_seed: the samples' generator seed.
         sample_options: more keyword arguments for the pipeline call.
+        sample_size: ``(height, width)`` (or one side) of the samples; default: the
+            size of the last training batch (the training resolution or bucket), else
+            the model's default.
     """
 
     name = "diffusion"
@@ -78,6 +96,8 @@ class DiffusionRoutine(Routine):
         vae: str = "vae",
         text_encoder: str = "text_encoder",
         tokenizer: str = "tokenizer",
+        text_encoder_2: str = "text_encoder_2",
+        tokenizer_2: str = "tokenizer_2",
         noise_scheduler: str | dict[str, Any] = "noise_scheduler",
         pipeline: str | None = None,
         model: str | None = None,
@@ -95,6 +115,12 @@ class DiffusionRoutine(Routine):
         image_key: str | int = "pixel_values",
         label_key: str | int = "class_labels",
         latents_key: str | int = "latents",
+        caption_key: str | int = "caption",
+        caption_dropout: float = 0.0,
+        shuffle_caption: bool = False,
+        keep_tokens: int = 0,
+        caption_separator: str = ",",
+        cache_text_embeddings: bool = False,
         pixel_range: tuple[float, float] = (-1.0, 1.0),
         seed: int | None = None,
         val_seed: int = 0,
@@ -105,12 +131,18 @@ class DiffusionRoutine(Routine):
         sample_steps: int = 20,
         sample_seed: int = 0,
         sample_options: dict[str, Any] | None = None,
+        sample_size: int | tuple[int, int] | None = None,
     ) -> None:
         if snr_gamma is not None and prediction_type == "flow_matching":
             raise ValueError("diffusion.snr_gamma is min-SNR weighting for epsilon/v-prediction; flow matching uses loss_weighting")
         if pixel_range[0] >= pixel_range[1]:
             raise ValueError(f"diffusion.pixel_range must be (low, high) with low < high, got {pixel_range}")
-        self.names = {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer}
+        if not 0.0 <= caption_dropout <= 1.0:
+            raise ValueError(f"diffusion.caption_dropout is a probability in [0, 1], got {caption_dropout}")
+        if keep_tokens < 0:
+            raise ValueError(f"diffusion.keep_tokens must be >= 0, got {keep_tokens}")
+        self.names = {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
+                      "text_encoder_2": text_encoder_2, "tokenizer_2": tokenizer_2}
         self.scheduler_option = noise_scheduler
         self.pipeline_option = pipeline
         self.model_ref, self.model_options = model, dict(model_options or {})
@@ -122,7 +154,13 @@ class DiffusionRoutine(Routine):
         self.loss_weighting = loss_weighting
         self.precondition_outputs = precondition_outputs
         self.train_text_encoder = train_text_encoder
-        self.keys = {"image": image_key, "label": label_key, "latents": latents_key}
+        self.keys = {"image": image_key, "label": label_key, "latents": latents_key, "caption": caption_key}
+        self.caption_options = {"dropout": caption_dropout, "shuffle": shuffle_caption, "keep_tokens": keep_tokens,
+                                "separator": caption_separator}
+        self.cache_text_embeddings = cache_text_embeddings
+        if isinstance(sample_size, int):
+            sample_size = (sample_size, sample_size)
+        self.sample_size = tuple(sample_size) if sample_size is not None else None
         self.pixel_range = (float(pixel_range[0]), float(pixel_range[1]))
         self.seed, self.val_seed = seed, val_seed
         self.sample_every = sample_every
@@ -134,6 +172,9 @@ class DiffusionRoutine(Routine):
         self.sample_options = dict(sample_options or {})
         self.pipeline: Any = None
         self.tokenizer: Any = None
+        self.tokenizer_2: Any = None
+        self.text_encoders: TextEncoders | None = None
+        self.last_size: tuple[int, int] | None = None  # (height, width) of the last training batch
         self.noise_scheduler: Any = None
         self.generator: Any = None
         self._eval_generator: Any = None
@@ -166,17 +207,19 @@ class DiffusionRoutine(Routine):
             self._adopt_pipeline(state, self.pipeline_option)
         if self.names["unet"] not in state.models:
             state.models[self.names["unet"]] = self._build_denoiser()
-        if self.names["tokenizer"] in state.models:
-            # Not an nn.Module either (checkpoints call state_dict on every model).
-            self.tokenizer = state.models.pop(self.names["tokenizer"])
+        for role in ("tokenizer", "tokenizer_2"):
+            if self.names[role] in state.models:
+                # Not an nn.Module either (checkpoints call state_dict on every model).
+                setattr(self, role, state.models.pop(self.names[role]))
         self.noise_scheduler = self._make_scheduler(state)
         self.prediction_type = self._resolve_prediction_type()
         vae = self._component("vae")
         if vae is not None:
             vae.requires_grad_(False)
-        text_encoder = self._component("text_encoder")
-        if text_encoder is not None:
-            text_encoder.requires_grad_(self.train_text_encoder)
+        for role in ("text_encoder", "text_encoder_2"):
+            text_encoder = self._component(role)
+            if text_encoder is not None:
+                text_encoder.requires_grad_(self.train_text_encoder)
         if self.seed is not None:
             # One stream per process: ranks must not draw the same noise for different images.
             seed = self.seed + self.engine.runtime.process_index
@@ -191,11 +234,12 @@ class DiffusionRoutine(Routine):
             pipeline = self._load_pipeline(option)
         self.pipeline = pipeline
         components = getattr(pipeline, "components", {})
-        for role in ("unet", "vae", "text_encoder"):
+        for role in ("unet", "vae", "text_encoder", "text_encoder_2"):
             module = components.get(role)
             if module is not None and self.names[role] not in state.models:
                 state.models[self.names[role]] = module
         self.tokenizer = components.get("tokenizer")
+        self.tokenizer_2 = components.get("tokenizer_2")
 
     @staticmethod
     def _load_pipeline(path: str) -> Any:
@@ -260,14 +304,14 @@ class DiffusionRoutine(Routine):
 
     def _frozen_to_eval(self, state: Any) -> None:
         # The loop puts every model in train mode; frozen encoders stay in eval mode.
-        for role in ("vae", "text_encoder"):
+        for role in ("vae", "text_encoder", "text_encoder_2"):
             module = self._component(role)
             if module is not None and not any(p.requires_grad for p in module.parameters()):
                 module.eval()
 
     # -------------------------------------------------------------------- loss
     def loss(self, batch: Any) -> Any:
-        return self.denoising_loss(batch, self.generator)
+        return self.denoising_loss(batch, self.generator, train=True)
 
     def metrics(self, batch: Any) -> dict[str, float]:
         import torch
@@ -280,15 +324,18 @@ class DiffusionRoutine(Routine):
         self._eval_generator = None
         return next_impl(*args, **kwargs)
 
-    def denoising_loss(self, batch: Any, generator: Any = None) -> Any:
-        """The loss of one batch, drawing noise and timesteps from ``generator``."""
+    def denoising_loss(self, batch: Any, generator: Any = None, train: bool = False) -> Any:
+        """The loss of one batch, drawing noise and timesteps from ``generator``
+        (``train``: apply caption dropout and shuffling, remember the batch's size)."""
         clean = self.clean_input(batch, generator)
+        if train:
+            self.last_size = self._pixel_size(clean)
         noise = self.draw_noise(clean, generator)
         if self.prediction_type == "flow_matching":
-            return self._flow_loss(batch, clean, noise, generator)
+            return self._flow_loss(batch, clean, noise, generator, train)
         timesteps = self.draw_timesteps(clean.shape[0], clean.device, generator)
         noisy = self.noise_scheduler.add_noise(clean, noise, timesteps)
-        conditioning = self.conditioning(batch)
+        conditioning = self.conditioning(batch, train, clean)
         if self.prediction_type == "epsilon":
             target = noise
         else:
@@ -296,13 +343,13 @@ class DiffusionRoutine(Routine):
         prediction = self.predict(noisy, timesteps, conditioning)
         return self._weighted_mse(prediction, target, timesteps)
 
-    def _flow_loss(self, batch: Any, clean: Any, noise: Any, generator: Any) -> Any:
+    def _flow_loss(self, batch: Any, clean: Any, noise: Any, generator: Any, train: bool = False) -> Any:
         import torch
         from diffusers.training_utils import compute_loss_weighting_for_sd3
 
         timesteps, sigmas = self.draw_flow_timesteps(clean, generator)
         noisy = (1.0 - sigmas) * clean + sigmas * noise
-        prediction = self.predict(noisy, timesteps, self.conditioning(batch))
+        prediction = self.predict(noisy, timesteps, self.conditioning(batch, train, clean))
         if self.precondition_outputs:
             prediction = prediction * (-sigmas) + noisy
             target = clean
@@ -402,13 +449,21 @@ class DiffusionRoutine(Routine):
         sigmas = scheduler.sigmas[indices].to(device=clean.device, dtype=clean.dtype)
         return timesteps, sigmas.reshape(-1, *([1] * (clean.ndim - 1)))
 
-    def conditioning(self, batch: Any) -> dict[str, Any]:
-        """Keyword arguments for the denoiser: text embeddings and/or class labels."""
+    def conditioning(self, batch: Any, train: bool = False, clean: Any = None) -> dict[str, Any]:
+        """Keyword arguments for the denoiser: text embeddings and/or class labels.
+
+        Text comes from precomputed ``encoder_hidden_states``, else ``input_ids`` (encoded
+        with the text encoder), else captions (tokenized and encoded here; in training
+        with caption dropout and shuffling). An SDXL-style UNet also gets
+        ``added_cond_kwargs`` (pooled text embeddings and the size/crop ``time_ids``).
+        """
         import torch
 
         conditioning: dict[str, Any] = {}
         hidden = _get(batch, "encoder_hidden_states")
+        pooled = _get(batch, "pooled_prompt_embeds")
         input_ids = _get(batch, "input_ids")
+        captions = _get(batch, self.keys["caption"])
         if hidden is None and input_ids is not None:
             text_encoder = self._component("text_encoder")
             if text_encoder is None:
@@ -416,12 +471,101 @@ class DiffusionRoutine(Routine):
             frozen = not self.train_text_encoder
             with torch.no_grad() if frozen else contextlib.nullcontext():
                 hidden = text_encoder(input_ids.to(self.device), return_dict=False)[0]
+        elif hidden is None and captions is not None:
+            if isinstance(captions, str):
+                captions = [captions]
+            if train:
+                captions = prepare_captions(
+                    captions, seed=self._caption_seed(), step=self.engine.state.clock.micro_step,
+                    rank=self.engine.runtime.process_index, **self.caption_options,
+                )
+            embeddings = self.encode_captions([("" if c is None else str(c)) for c in captions])
+            hidden, pooled = embeddings.hidden, embeddings.pooled
+        if hidden is None and self._takes_text():
+            raise KeyError(
+                f"diffusion: the batch has no {self.keys['caption']!r}, 'input_ids' or 'encoder_hidden_states' "
+                f"(keys: {_keys(batch)}); set dataset.caption_column or add .txt caption files"
+            )
         if hidden is not None:
             conditioning["encoder_hidden_states"] = hidden.to(self.device)
+        if self._takes_text_time():
+            if pooled is None:
+                raise KeyError(
+                    "diffusion: this UNet (addition_embed_type='text_time', SDXL-style) needs pooled text embeddings: "
+                    f"give captions ({self.keys['caption']!r}) or 'pooled_prompt_embeds' with 'encoder_hidden_states' "
+                    f"(keys: {_keys(batch)})"
+                )
+            conditioning["added_cond_kwargs"] = {
+                "text_embeds": pooled.to(self.device),
+                "time_ids": self.time_ids(batch, clean).to(self.device, dtype=pooled.dtype),
+            }
         labels = _get(batch, self.keys["label"])
         if labels is not None and self._takes_class_labels():
             conditioning["class_labels"] = labels.to(self.device)
         return conditioning
+
+    def encode_captions(self, captions: list[str]) -> Any:
+        """Embeddings of ``captions`` with the pipeline's tokenizer(s) and text encoder(s)."""
+        encoders = [self._component(role) for role in ("text_encoder", "text_encoder_2")]
+        tokenizers = [self.tokenizer, self.tokenizer_2]
+        pairs = [(t, e) for t, e in zip(tokenizers, encoders) if t is not None and e is not None]
+        if not pairs:
+            raise KeyError(
+                f"diffusion: the batch has captions ({self.keys['caption']!r}) but no tokenizer and text encoder "
+                f"({self.names['tokenizer']!r}, {self.names['text_encoder']!r}); give pipeline= or load them"
+            )
+        frozen = not self.train_text_encoder and not any(
+            p.requires_grad for _, e in pairs for p in e.parameters()
+        )
+        text = self.text_encoders
+        if text is None or len(text.encoders) != len(pairs) or text.frozen != frozen:
+            text = self.text_encoders = TextEncoders(
+                [t for t, _ in pairs], [e for _, e in pairs], self.device, frozen=frozen, cache=self.cache_text_embeddings
+            )
+        text.encoders = [e for _, e in pairs]  # the current modules (they may have been re-wrapped)
+        return text.encode(captions)
+
+    def _caption_seed(self) -> int:
+        if self.seed is not None:
+            return int(self.seed)
+        return int(getattr(self.engine.runtime, "seed", 0) or 0)
+
+    def _vae_scale(self) -> int:
+        vae = self._component("vae")
+        return 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+
+    def _pixel_size(self, clean: Any) -> tuple[int, int]:
+        """(height, width) in pixels of what ``clean_input`` returned."""
+        scale = self._vae_scale()
+        return int(clean.shape[-2]) * scale, int(clean.shape[-1]) * scale
+
+    def time_ids(self, batch: Any, clean: Any = None) -> Any:
+        """SDXL's ``time_ids``: original size, crop top-left and target size, ``(h, w)`` each.
+
+        From the batch's ``original_size_hw``, ``crop_top_left`` and ``target_size_hw``
+        (the bucketing plugin writes them) when there, else the batch's own size, no crop.
+        """
+        import torch
+
+        height, width = self._pixel_size(clean) if clean is not None else (self.last_size or (0, 0))
+        count = clean.shape[0] if clean is not None else 1
+        default = torch.tensor([[height, width]] * count)
+        parts = []
+        for key, fallback in (("original_size_hw", default), ("crop_top_left", torch.zeros_like(default)),
+                              ("target_size_hw", default)):
+            value = _get(batch, key)
+            parts.append(torch.as_tensor(value).reshape(count, 2) if value is not None else fallback)
+        return torch.cat(parts, dim=1).float()
+
+    def _unet_config(self) -> Any:
+        unet = self.engine.runtime.unwrap(self._component("unet"))
+        return getattr(unet, "config", {})
+
+    def _takes_text(self) -> bool:
+        return self._unet_config().get("cross_attention_dim") is not None
+
+    def _takes_text_time(self) -> bool:
+        return self._unet_config().get("addition_embed_type") == "text_time"
 
     def _takes_class_labels(self) -> bool:
         unet = self.engine.runtime.unwrap(self._component("unet"))
@@ -466,15 +610,24 @@ class DiffusionRoutine(Routine):
             for m, mode in zip(models, modes):
                 m.train(mode)
 
+    def _sample_hw(self) -> tuple[int, int] | None:
+        """The samples' (height, width): the option, else the last training batch's size."""
+        return self.sample_size or self.last_size  # type: ignore[return-value]
+
     def _sample_pipeline(self, prompts: list[str], steps: int, generator: Any) -> Any:
         pipeline = self._inference_pipeline()
-        out = pipeline(prompts, num_inference_steps=steps, generator=generator, output_type="pt", **self.sample_options)
+        size = self._sample_hw()
+        options = {"height": size[0], "width": size[1]} if size else {}
+        options.update(self.sample_options)
+        out = pipeline(prompts, num_inference_steps=steps, generator=generator, output_type="pt", **options)
         return out.images.float().cpu()
 
     def _inference_pipeline(self) -> Any:
         """A pipeline over the current (unwrapped) modules."""
         unwrap = self.engine.runtime.unwrap
         modules = {role: unwrap(self._component(role)) for role in ("unet", "vae", "text_encoder")}
+        if self._component("text_encoder_2") is not None:
+            modules["text_encoder_2"] = unwrap(self._component("text_encoder_2"))
         if self.pipeline is not None:
             pipeline = type(self.pipeline)(**{**self.pipeline.components, **modules})
         else:
@@ -498,6 +651,7 @@ class DiffusionRoutine(Routine):
         if labels is None:
             labels = self.sample_labels if self.sample_labels is not None else list(range(classes or 8))
         size = config.sample_size if isinstance(config.sample_size, (tuple, list)) else (config.sample_size,) * 2
+        size = self._sample_hw() or size
         scheduler = self._inference_scheduler(steps)
         x = torch.randn((len(labels), config.in_channels, *size), generator=generator, device=self.device)
         x = x * scheduler.init_noise_sigma
@@ -532,6 +686,13 @@ def _scheduler_class(name: str, where: str) -> Any:
     if cls is None or not hasattr(cls, "add_noise") and not hasattr(cls, "scale_noise"):
         raise ValueError(f"{where}: {name!r} is not a diffusers noise scheduler class (e.g. DDPMScheduler)")
     return cls
+
+
+def _keys(batch: Any) -> str:
+    """The keys of a batch, for error messages."""
+    if hasattr(batch, "keys"):
+        return ", ".join(str(k) for k in batch.keys())
+    return f"a {type(batch).__name__} of {len(batch)}" if isinstance(batch, (list, tuple)) else type(batch).__name__
 
 
 def _get(batch: Any, key: str | int) -> Any:
