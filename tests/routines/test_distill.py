@@ -120,3 +120,59 @@ def test_feature_shape_mismatch_and_missing_teacher_are_clear_errors(run_dir: Pa
     other.use(DISTILL, name="distill", teachers=["nobody"])
     with pytest.raises(KeyError, match="no teacher 'nobody' in state.models"):
         other.fire("setup")
+
+
+def test_accuracy_and_teacher_agreement_equal_a_plain_argmax(run_dir: Path) -> None:
+    teacher_a, teacher_b = mlp(seed=1), mlp(seed=2, hidden=32)
+    student = mlp(seed=0)
+    val = batches(count=3, size=8)
+    val[0][1][:3] = -100  # unlabelled positions count in neither the numerator nor the denominator
+    engine = quiet_engine(run_dir, max_steps=4, lr=1e-2)
+    engine.state.models.update(student=student, teacher_a=teacher_a, teacher_b=teacher_b)
+    engine.use(DISTILL, name="distill", teachers=["teacher_a", "teacher_b"])
+    engine.on("setup", lambda state: state.dataloaders.update(train=batches(), val=val))
+    seen: list[int] = []
+
+    @engine.attach("compute_loss")
+    def compare(next_impl, batch):
+        x, y = batch
+        with torch.no_grad():  # the student before this step's update, as the routine sees it
+            predicted = student(x).argmax(dim=-1)
+            expected = {"accuracy": (predicted == y).float().mean(),
+                        "agreement/teacher_a": (predicted == teacher_a(x).argmax(dim=-1)).float().mean(),
+                        "agreement/teacher_b": (predicted == teacher_b(x).argmax(dim=-1)).float().mean()}
+        loss = next_impl(batch)
+        for key, value in expected.items():
+            torch.testing.assert_close(engine.state.metrics[key], value)
+        seen.append(engine.state.clock.step)
+        return loss
+
+    evaluations: list[dict] = []
+    engine.on("evaluate_end", lambda metrics: evaluations.append(dict(metrics)))
+    engine.run()
+    assert seen == [0, 1, 2, 3]
+
+    x = torch.cat([b[0] for b in val])
+    y = torch.cat([b[1] for b in val])
+    with torch.no_grad():
+        predicted = student(x).argmax(dim=-1)
+        agree_a = (predicted == teacher_a(x).argmax(dim=-1)).float().mean().item()
+    labelled = y != -100
+    # The loop averages per-batch values weighted by batch size; batch 0 has 5 labels of 8.
+    per_batch = [((predicted[i * 8:(i + 1) * 8] == y[i * 8:(i + 1) * 8]) & labelled[i * 8:(i + 1) * 8]).sum().item()
+                 / labelled[i * 8:(i + 1) * 8].sum().item() for i in range(3)]
+    final = evaluations[-1]
+    assert final["val_accuracy"] == pytest.approx(sum(per_batch) / 3, abs=1e-6)
+    assert final["val_agreement/teacher_a"] == pytest.approx(agree_a, abs=1e-6)
+    assert "val_agreement/teacher_b" in final and 0.0 <= final["val_agreement/teacher_b"] <= 1.0
+
+
+def test_no_accuracy_without_labels(run_dir: Path) -> None:
+    from hookengine import Engine
+
+    engine = Engine(seed=0, run_dir=run_dir)
+    engine.state.models.update(student=mlp(), teacher=mlp(seed=1))
+    engine.use(DISTILL, name="distill", teachers=["teacher"], inputs="x", targets="y")
+    engine.fire("setup")
+    engine.call("compute_loss", {"x": batches(1)[0][0]})  # a batch without labels
+    assert "accuracy" not in engine.state.metrics and "agreement/teacher" in engine.state.metrics

@@ -44,6 +44,12 @@ def _logits(output: Any) -> Any:
 class Distillation(Routine):
     """Train ``student`` to match several teachers (logits and, optionally, features).
 
+    Metrics: ``distill_kl``, ``distill_temperature``; when batches have labels, the
+    student's ``accuracy`` (argmax against the labels, -100 ignored); for each teacher
+    with a non-zero weight, ``agreement/TEACHER`` (the fraction of argmaxes the student
+    shares with it). Evaluation reports them as ``val_loss``, ``val_kl``, ``val_accuracy``,
+    ``val_agreement/TEACHER``.
+
     Args:
         student: the student's name in ``state.models``.
         teachers: teacher names (weight 1 each) or name -> weight schedule.
@@ -56,8 +62,8 @@ class Distillation(Routine):
         feature_weight: weight of the feature terms (a schedule).
         hard_weight: weight of the cross entropy against the batch's targets (a schedule).
         inputs, targets: keys (dict batches) or positions (tuple batches) of the model
-            input and of the labels (``None``: no labels). ``inputs=None`` passes a dict
-            batch, less its targets, as keyword arguments.
+            input and of the labels (``None``, or a batch without that key: no labels).
+            ``inputs=None`` passes a dict batch, less its targets, as keyword arguments.
     """
 
     name = "distill"
@@ -203,7 +209,7 @@ class Distillation(Routine):
 
     # -------------------------------------------------------------------- loss
     def _split(self, batch: Any) -> tuple[Any, Any]:
-        targets = None if self.targets is None else batch[self.targets]
+        targets = None if self.targets is None or not _has(batch, self.targets) else batch[self.targets]
         if self.inputs is None:
             inputs = {k: v.to(self.device) for k, v in batch.items() if k != self.targets}
         else:
@@ -219,10 +225,15 @@ class Distillation(Routine):
         metrics = self.engine.state.metrics
         metrics["distill_kl"] = terms["kl"].detach()
         metrics["distill_temperature"] = float(self.temperature(self.engine.state.clock.step))
+        for key, value in terms.items():  # tensors: read only when the metrics are logged
+            if key == "accuracy" or key.startswith("agreement/"):
+                metrics[key] = value
         return terms["loss"]
 
     def losses(self, batch: Any) -> dict[str, Any]:
-        """Every term of the loss of one batch, and their weighted sum as ``loss``."""
+        """Every term of the loss of one batch, their weighted sum as ``loss``, and (without
+        gradients) the student's ``accuracy`` when the batch has labels and its argmax
+        ``agreement/TEACHER`` with each teacher."""
         import torch
 
         step = self.engine.state.clock.step
@@ -232,6 +243,7 @@ class Distillation(Routine):
         student_logits = _logits(self._run(student, inputs))
         student_features = dict(self._features_of(self.student_name))
         kl = student_logits.new_zeros((), dtype=torch.float32)
+        agreement: dict[str, Any] = {}
         feature = student_logits.new_zeros((), dtype=torch.float32)
         for name, weight_of in self.teacher_weights.items():
             weight = float(weight_of(step))
@@ -241,6 +253,7 @@ class Distillation(Routine):
             self._check_shape(name, "logits", student_logits, teacher_logits)
             kl = kl + weight * kd_loss(student_logits, teacher_logits, temperature)
             feature = feature + weight * self._feature_loss(name, student_features, teacher_features)
+            agreement[f"agreement/{name}"] = _agreement(student_logits, teacher_logits)
         terms = {"kl": kl, "feature": feature}
         loss = float(self.logit_weight(step)) * kl
         if self.features:
@@ -252,6 +265,10 @@ class Distillation(Routine):
             terms["hard"] = self._hard_loss(student_logits, targets)
             loss = loss + hard_weight * terms["hard"]
         terms["loss"] = loss
+        accuracy = _accuracy(student_logits, targets)
+        if accuracy is not None:
+            terms["accuracy"] = accuracy
+        terms.update(agreement)
         return terms
 
     def _teacher_outputs(self, name: str, inputs: Any) -> tuple[Any, dict[str, Any]]:
@@ -290,7 +307,40 @@ class Distillation(Routine):
         out = {"val_loss": float(terms["loss"]), "val_kl": float(terms["kl"])}
         if "hard" in terms:
             out["val_hard"] = float(terms["hard"])
+        for key, value in terms.items():
+            if key == "accuracy" or key.startswith("agreement/"):
+                out[f"val_{key}"] = float(value)
         return out
+
+
+def _has(batch: Any, key: str | int) -> bool:
+    """Whether a dict batch has ``key`` / a tuple batch has position ``key`` (labels are optional)."""
+    if isinstance(batch, dict):
+        return key in batch
+    return isinstance(key, int) and isinstance(batch, (tuple, list)) and -len(batch) <= key < len(batch)
+
+
+def _accuracy(logits: Any, targets: Any) -> Any:
+    """The fraction of labelled positions (target != -100) where the argmax is the target, as
+    a 0-d tensor (no host sync); ``None`` without labels or when they do not fit the logits."""
+    import torch
+
+    if targets is None or targets.is_floating_point() or targets.numel() * logits.shape[-1] != logits.numel():
+        return None
+    with torch.no_grad():
+        predicted = logits.detach().reshape(-1, logits.shape[-1]).argmax(dim=-1)
+        targets = targets.reshape(-1)
+        labelled = targets != -100
+        correct = (predicted == targets) & labelled
+        return correct.sum().float() / labelled.sum().clamp(min=1)
+
+
+def _agreement(student_logits: Any, teacher_logits: Any) -> Any:
+    """The fraction of positions where student and teacher have the same argmax (0-d tensor)."""
+    import torch
+
+    with torch.no_grad():
+        return (student_logits.detach().argmax(dim=-1) == teacher_logits.argmax(dim=-1)).float().mean()
 
 
 def _capture(store: dict[str, Any], path: str) -> Callable[..., None]:
