@@ -13,16 +13,29 @@ Slots (each a default implementation that a user wraps or replaces with
 ``reshuffle``          the per-epoch plan (same arguments as :func:`~.sampler.plan_epoch`)
 ``stream_bucket``      ``(sample) -> key``: groups a stream into batches (default: one group)
 ``make_dataloader``    ``(dataset, split) -> loader``
+``required_keys``      ``(split) -> {key: who}``: batch keys other plugins need (checked at setup)
+``data_options``       ``(split) -> dict``: the settings other data plugins share (one
+                       ``batch_size``, ``remainder``, ``seed``... for the dataset and bucketing)
 =====================  ==============================================================
 
 The loaders are built at the ``setup`` event (so plugins used after this one, such as
 ``bucketing``, have attached their hooks) and registered in ``state.dataloaders``. They
 are never passed through ``accelerator.prepare``: samplers shard by rank themselves.
 
-A bad sample (corrupt, truncated, zero-sized image, missing caption...) is skipped or
+A bad sample (corrupt, truncated, zero-sized image, decompression bomb, an image over
+``max_pixels``, a missing caption, a caption file that is not UTF-8...) is skipped or
 raises, by ``bad_samples``. Skipped samples are counted in ``state.metrics``
 (``data/skipped``), named in :attr:`DatasetPlugin.skipped`, logged, and appended to
 ``skipped_samples.jsonl`` in the run folder; training goes on.
+
+What cannot be skipped is found at setup, before the first step: a configured column
+(``image_column``, ``caption_column``, ``required_columns``) or a key another plugin
+declared through ``required_keys`` that the data does not have is an error naming it
+and the columns that exist.
+
+Captions: whatever their source (a column, ``.txt``/``.caption`` files next to the
+images), each sample carries its caption text under ``"caption"`` and batches have
+``batch["caption"]``, a list of str.
 """
 
 from __future__ import annotations
@@ -35,8 +48,8 @@ from typing import Any, Callable, Iterator, Literal
 
 import numpy as np
 
-from ..core.points import BASE_PRIORITY
-from .images import BadSampleError, describe_source, open_image, to_tensor
+from ..core.points import BASE_PRIORITY, Point
+from .images import BadSampleError, decode_image, describe_source, to_tensor
 
 __all__ = ["DatasetPlugin", "Skipped", "MapDataset", "StreamBatches", "StreamItems", "default_collate"]
 
@@ -52,7 +65,14 @@ SLOTS = (
     "reshuffle",
     "stream_bucket",
     "make_dataloader",
+    "required_keys",
+    "data_options",
 )
+
+# Caption columns looked for, in order, when caption_column is not given.
+CAPTION_COLUMNS = ("caption", "text", "prompt")
+# PIL's own decompression-bomb warning threshold (Image.MAX_IMAGE_PIXELS), without importing PIL.
+DEFAULT_MAX_PIXELS = 89_478_485
 
 
 @dataclass(frozen=True)
@@ -274,13 +294,30 @@ class DatasetPlugin:
         split, val_split: the splits for the ``train`` and ``val`` loaders.
         streaming: load an iterable data set (never fully downloaded or decoded).
         load_options: more keyword arguments for ``load_dataset``.
-        image_column, caption_column: the columns read by the image and caption checks;
-            a caption missing from its column is read from ``<image stem><caption_extension>``.
+        image_column: the image column (default: ``image`` when the data has one). A
+            column given here that the data lacks is an error at setup.
+        caption_column: the caption column. Default (auto): the first of ``caption``,
+            ``text``, ``prompt`` among the columns of an image data set, else caption
+            files next to the images when there are any. A column given here that the
+            data lacks is an error at setup; ``false``: no captions. Whatever the source,
+            the text is delivered as ``sample["caption"]`` / ``batch["caption"]`` (list of
+            str; ``""`` for an image without one), and an empty caption in the column is
+            read from the image's caption file when there is one.
+        caption_extension: the caption files' extension(s), tried in order
+            (``<image stem><extension>``, kohya's layout). A caption file that is not valid
+            UTF-8 makes its sample a bad sample, named by the file.
         require_caption: a sample without a caption is a bad sample.
+        required_columns: more columns the data must have (checked at setup, named with
+            the columns that exist), e.g. the ``label`` a routine reads.
+        max_pixels: an image of more pixels is a bad sample (default: PIL's own
+            decompression-bomb warning threshold, about 89.5 million); a JPEG that a 1/2,
+            1/4 or 1/8 scale brings under it is decoded at that scale instead (never whole).
+            ``null``: no limit but PIL's (twice that; above it the image is a bad sample).
         batch_size, val_batch_size: samples per batch on each process.
         shuffle: reshuffle per epoch from ``(seed, epoch)``.
         remainder: what happens to samples that do not fill a batch (``drop``, ``pad``,
-            ``carry``; see :mod:`hookengine.data.sampler`).
+            ``carry``; see :mod:`hookengine.data.sampler`). The one policy of the data:
+            the ``bucketing`` plugin follows it too.
         num_workers, persistent_workers, pin_memory, prefetch_factor: DataLoader
             settings (``pin_memory`` defaults to whether CUDA is available).
         bad_samples: ``skip`` (count, name, go on) or ``raise``.
@@ -293,6 +330,12 @@ class DatasetPlugin:
     """
 
     name = "dataset"
+    hook_points = [
+        Point("required_keys", "slot", ("split",),
+              "Batch keys plugins need from a split, {key: who}; a missing one fails at setup.", "dataset"),
+        Point("data_options", "slot", ("split",),
+              "The data settings other data plugins share (batch_size, remainder, seed...).", "dataset"),
+    ]
 
     def __init__(
         self,
@@ -306,10 +349,12 @@ class DatasetPlugin:
         val_split: str | None = None,
         streaming: bool = False,
         load_options: dict[str, Any] | None = None,
-        image_column: str = "image",
-        caption_column: str | None = None,
-        caption_extension: str = ".txt",
+        image_column: str | None = None,
+        caption_column: str | bool | None = None,
+        caption_extension: str | list[str] = [".txt", ".caption"],  # noqa: B006 - never mutated
         require_caption: bool = False,
+        required_columns: list[str] | None = None,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
         batch_size: int = 8,
         val_batch_size: int | None = None,
         shuffle: bool = True,
@@ -334,8 +379,20 @@ class DatasetPlugin:
         self.generator, self.gen_kwargs = generator, gen_kwargs or {}
         self.split, self.val_split, self.streaming = split, val_split, streaming
         self.load_options = load_options or {}
-        self.image_column, self.caption_column = image_column, caption_column
-        self.caption_extension, self.require_caption = caption_extension, require_caption
+        if caption_column is True:
+            raise ValueError("dataset.caption_column: give a column name, or false for no captions")
+        if max_pixels is not None and max_pixels < 1:
+            raise ValueError(f"dataset.max_pixels must be >= 1 (or null), got {max_pixels}")
+        self.explicit_image_column = image_column
+        self.image_column = image_column or "image"
+        self.caption_column = caption_column
+        extensions = [caption_extension] if isinstance(caption_extension, str) else list(caption_extension)
+        self.caption_extensions = tuple(e if e.startswith(".") else "." + e for e in extensions)
+        self.require_caption = require_caption
+        self.required_columns = list(required_columns or [])
+        self.max_pixels = max_pixels
+        # split -> ("column", name) or ("files", None) or None, resolved at setup.
+        self.captions: dict[str, tuple[str, str | None] | None] = {}
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.shuffle, self.remainder = shuffle, remainder
         self.num_workers, self.persistent_workers = num_workers, persistent_workers
@@ -386,8 +443,9 @@ class DatasetPlugin:
             if wanted is None:
                 continue
             data = self._pick_split(loaded, wanted, split_name)
-            self.datasets[split_name] = self._prepare_columns(data)
+            self.datasets[split_name] = self._prepare_columns(data, split_name)
             self.loaders[split_name] = engine.call("make_dataloader", self.datasets[split_name], split_name)
+            self._check_required_keys(self.datasets[split_name], split_name)
             engine.state.dataloaders[split_name] = self.loaders[split_name]
         self._apply_sampler_state()
         return self.loaders
@@ -400,16 +458,112 @@ class DatasetPlugin:
             raise KeyError(f"dataset.{key}={wanted!r}: the data set has splits {sorted(loaded)}")
         return loaded[wanted]
 
-    def _prepare_columns(self, data: Any) -> Any:
-        """Keep images undecoded (we decode and validate them) and check for emptiness."""
+    def describe(self, split: str = "train") -> str:
+        """The data set in messages: its path or generator, and the split."""
+        wanted = self.split if split == "train" else self.val_split
+        where = self.data_files or self.data_dir
+        return f"{self.path or self.generator!r}" + (f" ({where})" if where else "") + f" (split {wanted!r})"
+
+    def _prepare_columns(self, data: Any, split: str = "train") -> Any:
+        """Keep images undecoded (we decode and validate them), check for emptiness, check
+        the configured columns and find where captions come from."""
         import datasets
 
         features = getattr(data, "features", None) or {}
         if self.image_column in features and isinstance(features[self.image_column], datasets.Image):
             data = data.cast_column(self.image_column, datasets.Image(decode=False))
         if not isinstance(data, datasets.IterableDataset) and len(data) == 0:
-            raise ValueError(f"dataset: the data set {self.path or self.generator!r} (split {self.split!r}) is empty")
+            raise ValueError(f"dataset: the data set {self.describe(split)} is empty")
+        columns = column_names(data)
+        for option, column in (("image_column", self.explicit_image_column),
+                               ("caption_column", self.caption_column or None),
+                               *(("required_columns", c) for c in self.required_columns)):
+            if column is not None and column not in columns:
+                raise ValueError(
+                    f"dataset.{option}: the data set {self.describe(split)} has no column {column!r}; "
+                    f"its columns are {columns}"
+                )
+        self.captions[split] = self._find_captions(data, columns)
+        if self.require_caption and self.captions[split] is None:
+            raise ValueError(
+                f"dataset.require_caption: the data set {self.describe(split)} has no caption column "
+                f"(looked for {list(CAPTION_COLUMNS)}; its columns are {columns}) and no caption files "
+                f"({', '.join(self.caption_extensions)}) next to its images; set dataset.caption_column"
+            )
         return data
+
+    def _find_captions(self, data: Any, columns: list[str]) -> tuple[str, str | None] | None:
+        """Where captions come from: ``("column", name)``, ``("files", None)`` or ``None``."""
+        if self.caption_column is False:
+            return None
+        if self.caption_column:
+            return ("column", str(self.caption_column))
+        if self.image_column not in columns:
+            return None  # not an image data set: a "text" column is not a caption
+        found = next((c for c in CAPTION_COLUMNS if c in columns), None)
+        if found is not None:
+            return ("column", found)
+        return ("files", None) if self._any_caption_file(data) else None
+
+    def _any_caption_file(self, data: Any) -> bool:
+        """Whether any image has a caption file (one directory listing per folder)."""
+        import datasets
+
+        if isinstance(data, datasets.IterableDataset):
+            sources = [record.get(self.image_column) for record in data.take(1)]
+        else:
+            sources = data.select_columns([self.image_column])[self.image_column]
+        listings: dict[str, set[str]] = {}
+        for source in sources:
+            path = source_path(source)
+            if path is None:
+                continue
+            folder, stem = os.path.split(os.path.splitext(path)[0])
+            if folder not in listings:
+                try:
+                    listings[folder] = set(os.listdir(folder or "."))
+                except OSError:
+                    listings[folder] = set()
+            if any(stem + ext in listings[folder] for ext in self.caption_extensions):
+                return True
+        return False
+
+    def _check_required_keys(self, data: Any, split: str) -> None:
+        """Every key a plugin declared (``required_keys``) must reach the batches."""
+        needed: dict[str, str] = dict(self.engine.call("required_keys", split) or {})
+        if not needed:
+            return
+        captions = {"caption"} if self.captions.get(split) else set()
+        provided = set(column_names(data)) | captions | {"index", "skipped"}
+        missing = [key for key in needed if key not in provided]
+        if missing:  # a transform may add keys: look at one real batch before failing
+            provided |= set(self._probe_keys(data, split))
+            missing = [key for key in needed if key not in provided]
+        if missing:
+            named = ", ".join(f"{key!r} (needed by {needed[key]})" for key in missing)
+            raise ValueError(
+                f"dataset: the batches of {self.describe(split)} have no {named}; the data's columns are "
+                f"{column_names(data)}" + (" (+ 'caption')" if captions else "")
+            )
+
+    def _probe_keys(self, data: Any, split: str, tries: int = 4) -> list[str]:
+        """The keys of a batch of one sample (the first good one of the first few)."""
+        import datasets
+
+        pipeline = _Pipeline(self.engine.call, "skip", split, stream=isinstance(data, datasets.IterableDataset))
+        if isinstance(data, datasets.IterableDataset):
+            records = enumerate(data.take(tries))
+        else:
+            records = ((i, data[i]) for i in range(min(tries, len(data))))
+        for index, raw in records:
+            try:
+                sample = pipeline.sample(raw, index, 0)
+            except Exception:  # noqa: BLE001 - a probe: the real error comes at the step
+                return []
+            if not isinstance(sample, Skipped):
+                batch = pipeline.batch([sample])
+                return list(batch) if isinstance(batch, dict) else []
+        return []
 
     # -------------------------------------------------------------- slot defaults
     def _load_dataset(self, next_impl: Any, spec: dict[str, Any]) -> Any:
@@ -437,30 +591,29 @@ class DatasetPlugin:
 
     def _decode_sample(self, next_impl: Any, sample: dict[str, Any]) -> dict[str, Any]:
         name = f"sample {sample.get('__index__')}"
+        path = None
+        # A plugin that knows the size the image is needed at (bucketing) puts it here.
+        needed_size = sample.pop("__decode_size__", None)
         if self.image_column in sample:
             source = sample[self.image_column]
             name = describe_source(source, name)
-            sample[self.image_column] = open_image(source, name=name, strict_modes=self.strict_modes)
+            path = source_path(source)
+            image, size = decode_image(source, name=name, strict_modes=self.strict_modes,
+                                       max_pixels=self.max_pixels, min_size=needed_size)
+            sample[self.image_column] = image
             sample["__name__"] = name
-        if self.caption_column is not None:
-            caption = sample.get(self.caption_column)
-            if not caption:
-                caption = self._sidecar_caption(sample)
-                sample[self.caption_column] = caption
-            if self.require_caption and not (caption and str(caption).strip()):
-                raise BadSampleError(name, "missing caption", f"column {self.caption_column!r} is empty")
+            sample["__original_size__"] = size  # of the file; the image may be decoded reduced
+        captions = self.captions.get(str(sample.get("__split__", "train")))
+        if captions is not None:
+            kind, column = captions
+            caption = caption_text(sample.get(column), name) if kind == "column" else ""
+            if not caption and path is not None:
+                caption = read_caption_file(path, self.caption_extensions) or ""
+            sample["caption"] = caption
+            if self.require_caption and not caption.strip():
+                where = f"column {column!r} is empty" if kind == "column" else "no caption file"
+                raise BadSampleError(name, "missing caption", where)
         return sample
-
-    def _sidecar_caption(self, sample: dict[str, Any]) -> str | None:
-        image = sample.get(self.image_column)
-        path = getattr(image, "filename", None) or sample.get("__name__")
-        if not path or not os.path.exists(str(path)):
-            return None
-        caption_path = os.path.splitext(str(path))[0] + self.caption_extension
-        if os.path.exists(caption_path):
-            with open(caption_path, encoding="utf-8") as handle:
-                return handle.read().strip()
-        return None
 
     def _transform_sample(self, next_impl: Any, sample: dict[str, Any]) -> dict[str, Any]:
         if self.image_tensor and hasattr(sample.get(self.image_column), "convert"):
@@ -480,6 +633,20 @@ class DatasetPlugin:
 
     def _stream_bucket(self, next_impl: Any, sample: dict[str, Any], split: str = "train") -> Any:
         return 0
+
+    def _required_keys(self, next_impl: Any, split: str) -> dict[str, str]:
+        return {}
+
+    def _data_options(self, next_impl: Any, split: str = "train") -> dict[str, Any]:
+        return {
+            "batch_size": self.batch_size if split == "train" else self.val_batch_size,
+            "remainder": self.remainder if split == "train" else "pad",
+            "shuffle": self.shuffle if split == "train" else False,
+            "seed": self.effective_seed,
+            "bad_samples": self.bad_samples,
+            "image_column": self.image_column,
+            "max_pixels": self.max_pixels,
+        }
 
     def _world(self) -> tuple[int, int]:
         runtime = self.engine.runtime
@@ -571,6 +738,7 @@ class DatasetPlugin:
             key = "data/skipped/" + entry["reason"].replace(" ", "_")
             state.metrics[key] = float(state.metrics.get(key, 0.0)) + 1.0
         if state.run_dir and state.is_main_process:
+            os.makedirs(state.run_dir, exist_ok=True)  # a fresh run: nothing has made the folder yet
             with open(os.path.join(state.run_dir, "skipped_samples.jsonl"), "a", encoding="utf-8") as handle:
                 for entry in fresh:
                     handle.write(json.dumps(entry) + "\n")
@@ -596,6 +764,63 @@ class DatasetPlugin:
         if pending is not None and hasattr(sampler, "load_state_dict"):
             sampler.load_state_dict(pending)
             self._pending_sampler_state = None
+
+
+def column_names(data: Any) -> list[str]:
+    """The columns of a data set; for a stream without known features, its first record's."""
+    names = getattr(data, "column_names", None)
+    if names is None:
+        first = next(iter(data.take(1)), None) if hasattr(data, "take") else None
+        names = list(first) if isinstance(first, dict) else []
+    return list(names)
+
+
+def source_path(source: Any) -> str | None:
+    """The file path of an image source (a path, or ``datasets``' ``{"path", "bytes"}``)."""
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source)
+    if isinstance(source, dict) and source.get("path"):
+        return str(source["path"])
+    return getattr(source, "filename", None) or None
+
+
+def caption_text(value: Any, name: str) -> str:
+    """A caption value as text; bytes or text that are not valid UTF-8 are a bad sample."""
+    if value is None:
+        return ""
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return bytes(value).decode("utf-8").strip()
+        except UnicodeDecodeError as exc:
+            raise BadSampleError(name, "invalid UTF-8 caption", f"byte {exc.start}: {exc.reason}") from None
+    text = value if isinstance(value, str) else str(value)
+    try:
+        text.encode("utf-8")  # lone surrogates: bytes that were not UTF-8, escaped
+    except UnicodeEncodeError as exc:
+        raise BadSampleError(name, "invalid UTF-8 caption", f"character {exc.start}: {exc.reason}") from None
+    return text.strip()
+
+
+def read_caption_file(image_path: str, extensions: tuple[str, ...]) -> str | None:
+    """The caption in the first ``<image stem><extension>`` file that exists, else ``None``.
+
+    A file that is not valid UTF-8 is a bad sample named by the file (a UTF-8 BOM is fine).
+    """
+    stem = os.path.splitext(image_path)[0]
+    for extension in extensions:
+        caption_path = stem + extension
+        try:
+            with open(caption_path, "rb") as handle:
+                data = handle.read()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise BadSampleError(caption_path, "unreadable caption file", str(exc)) from None
+        try:
+            return data.decode("utf-8-sig").strip()
+        except UnicodeDecodeError as exc:
+            raise BadSampleError(caption_path, "invalid UTF-8 caption", f"byte {exc.start}: {exc.reason}") from None
+    return None
 
 
 def _is_dict_of_splits(obj: Any) -> bool:

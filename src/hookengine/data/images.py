@@ -1,7 +1,10 @@
 """Images: read sizes from headers, open and validate, convert modes, resize and crop.
 
 Every failure raises :class:`BadSampleError` naming the file (or the sample), so a data
-set policy can skip the sample, count it and name it, or stop with a clear message.
+set policy can skip the sample, count it and name it, or stop with a clear message:
+decompression bombs (PIL's own limit) and images over a pixel limit included. A JPEG over
+the limit, or larger than the size it is needed at, is decoded at 1/2, 1/4 or 1/8 of its
+size (``Image.draft``: the decoder skips the detail) instead of whole.
 PIL, NumPy and torch are imported inside the functions.
 """
 
@@ -15,6 +18,7 @@ __all__ = [
     "BadSampleError",
     "describe_source",
     "image_size",
+    "decode_image",
     "open_image",
     "resize_crop",
     "to_tensor",
@@ -66,6 +70,8 @@ def _open_raw(source: Any, name: str) -> Any:
             return Image.open(source)
     except FileNotFoundError as exc:
         raise BadSampleError(name, "missing file", str(exc)) from None
+    except Image.DecompressionBombError as exc:  # PIL's limit: 2 x Image.MAX_IMAGE_PIXELS
+        raise BadSampleError(name, "decompression bomb", str(exc)) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise BadSampleError(name, "cannot open image", f"{type(exc).__name__}: {exc}") from None
     if source is None:
@@ -89,27 +95,76 @@ def open_image(
     name: str | None = None,
     strict_modes: bool = False,
     background: Sequence[int] = (255, 255, 255),
+    max_pixels: int | None = None,
+    min_size: Sequence[int] | None = None,
 ) -> Any:
     """Open, fully decode and validate an image; return it in RGB.
 
     Truncated or corrupt files and zero sizes raise :class:`BadSampleError`. Other
     modes are converted: CMYK through PIL, 16- and 32-bit greyscale scaled (not clipped)
     to 8 bits, alpha composited over ``background``. With ``strict_modes`` any mode but
-    RGB and L is a bad sample instead.
+    RGB and L is a bad sample instead. ``max_pixels`` and ``min_size``: see
+    :func:`decode_image`.
+    """
+    return decode_image(source, name=name, strict_modes=strict_modes, background=background,
+                        max_pixels=max_pixels, min_size=min_size)[0]
+
+
+def decode_image(
+    source: Any,
+    *,
+    name: str | None = None,
+    strict_modes: bool = False,
+    background: Sequence[int] = (255, 255, 255),
+    max_pixels: int | None = None,
+    min_size: Sequence[int] | None = None,
+) -> tuple[Any, tuple[int, int]]:
+    """:func:`open_image`, returning ``(image, (width, height) of the file)``.
+
+    An image of more than ``max_pixels`` pixels is a bad sample ("too many pixels"),
+    unless its format decodes at a reduced scale (JPEG) to at most ``max_pixels``: then
+    it is decoded reduced. ``min_size`` (width, height) is the size the image is needed
+    at (a bucket's resize target): a JPEG at least twice as large is decoded at the
+    smallest reduced scale that still covers it. So the returned image may be smaller
+    than the file; the second value is always the file's size.
     """
     name = name or describe_source(source)
     image = _open_raw(source, name)
-    if image.size[0] <= 0 or image.size[1] <= 0:
-        raise BadSampleError(name, "zero size", f"{image.size[0]}x{image.size[1]}")
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise BadSampleError(name, "zero size", f"{width}x{height}")
+    _reduce(image, name, max_pixels, min_size)
     try:
         image.load()  # decodes every pixel: truncation and corruption surface here
     except (OSError, ValueError, SyntaxError) as exc:
         raise BadSampleError(name, "corrupt or truncated image", f"{type(exc).__name__}: {exc}") from None
     if image.mode in ("RGB", "L"):
-        return image.convert("RGB") if image.mode == "L" else image
+        return (image.convert("RGB") if image.mode == "L" else image), (int(width), int(height))
     if strict_modes:
         raise BadSampleError(name, "unsupported mode", f"mode {image.mode}; expected RGB or L")
-    return _to_rgb(image, background)
+    return _to_rgb(image, background), (int(width), int(height))
+
+
+def _reduce(image: Any, name: str, max_pixels: int | None, min_size: Sequence[int] | None) -> None:
+    """Ask the decoder for a reduced scale (JPEG's 1/2, 1/4, 1/8), or refuse the image."""
+    width, height = image.size
+    can_draft = getattr(image, "format", None) == "JPEG" and callable(getattr(image, "draft", None))
+    scale = 1
+    if min_size is not None:  # the largest scale that still covers the size asked for
+        want_w, want_h = max(1, int(min_size[0])), max(1, int(min_size[1]))
+        scale = next(s for s in (8, 4, 2, 1) if width // s >= want_w and height // s >= want_h or s == 1)
+    if max_pixels is not None and width * height > max_pixels:
+        fits = [s for s in (2, 4, 8) if -(-width // s) * -(-height // s) <= max_pixels]
+        if not can_draft or not fits:
+            raise BadSampleError(name, "too many pixels",
+                                 f"{width}x{height} = {width * height} pixels, over max_pixels={max_pixels}")
+        scale = max(scale, fits[0])
+    if can_draft and scale > 1:
+        # draft() may be called once; it picks the largest power of 2 <= min(w // rw, h // rh).
+        image.draft(image.mode, (max(1, width // scale), max(1, height // scale)))
+    if max_pixels is not None and image.size[0] * image.size[1] > max_pixels:
+        raise BadSampleError(name, "too many pixels",
+                             f"{width}x{height} = {width * height} pixels, over max_pixels={max_pixels}")
 
 
 def _to_rgb(image: Any, background: Sequence[int]) -> Any:
