@@ -20,6 +20,13 @@ Events (to ``subscribe``-d callbacks, and on the engine as ``model_cache_<event>
 down to make room for another model), ``partial`` (loaded partially). Counters in
 ``stats``: hits, misses, bytes_moved, seconds, loads, offloads, evictions.
 
+Threads: a model off the requested device is loaded by one thread (the loader; the entry is
+``moving``) while the others asking for it wait on the cache's one Condition with a
+*reservation* (a pin): pinned models are not evicted, so a model just loaded stays put until
+its waiters wake up and hold it. Holders count only once the model is on their device. Every
+wait (for a move, for a holder on another device, for room) ends at ``wait_timeout`` with a
+:class:`CacheTimeoutError` naming the model, its holders and the timeout.
+
     cache = ModelCache(budgets={"cuda:0": "auto"})
     cache.add("teacher", teacher)
     with cache.acquire("teacher") as model:
@@ -42,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-__all__ = ["ModelCache", "CacheError", "CacheFullError", "parse_bytes"]
+__all__ = ["ModelCache", "CacheError", "CacheFullError", "CacheTimeoutError", "parse_bytes"]
 
 DISK = "disk"
 UNLOADED = "unloaded"
@@ -65,6 +72,20 @@ class CacheFullError(CacheError):
     def __init__(self, message: str, blockers: Any = ()) -> None:
         super().__init__(message)
         self.blockers = tuple(blockers)
+
+
+class CacheTimeoutError(CacheFullError):
+    """Waited ``wait_timeout`` seconds and the model, or room for it, stayed taken by other threads.
+
+    The message names the model, what held it (threads by name) and the timeout; a
+    ``CacheFullError`` too, since waiting longer is the only thing that could have helped.
+    """
+
+
+def _thread_names(idents: Any) -> list[str]:
+    """Thread names for thread ids (for error messages)."""
+    names = {t.ident: t.name for t in threading.enumerate()}
+    return sorted(names.get(i, f"thread {i}") for i in set(idents))
 
 
 def parse_bytes(value: int | float | str) -> int:
@@ -160,25 +181,59 @@ class _Entry:
     shapes: dict[str, tuple[tuple[int, ...], Any]] = field(default_factory=dict)
     disk_path: Path | None = None
     disk_current: bool = False
-    holders: Counter = field(default_factory=Counter)  # thread id -> acquire depth
+    holders: Counter = field(default_factory=Counter)  # thread id -> acquire depth (model ready there)
+    pins: Counter = field(default_factory=Counter)  # (thread id, device) -> waiting acquires (reservations)
     last_used: int = 0
-    moving: bool = False
+    moving: bool = False  # a loader thread owns the entry (loading, reserving room, moving up)
+    loader: int | None = None  # that thread's id
     partial: dict[str, Any] | None = None  # what undoes a partial load
 
     @property
     def in_use(self) -> bool:
         return sum(self.holders.values()) > 0
 
+    @property
+    def pinned(self) -> bool:
+        """Someone waits to use it where it is now: evicting it would undo their load."""
+        return any(device == self.tier for _, device in self.pins)
+
+    @property
+    def busy(self) -> bool:
+        """It cannot be moved down now (in use, about to be, or moving)."""
+        return self.moving or self.in_use or self.pinned
+
+    def others(self, me: int) -> bool:
+        """Another thread holds it, waits for it, or loads it: waiting for them can help."""
+        return bool(set(self.holders) - {me}) or self.moving or any(t != me for t, _ in self.pins)
+
+    def users(self) -> str:
+        """Who keeps it, for error messages: holders, the loader, waiting threads."""
+        bits = []
+        if self.holders:
+            bits.append(f"held by {_thread_names(self.holders)}")
+        if self.loader is not None:
+            bits.append(f"being loaded by {_thread_names([self.loader])}")
+        if self.pins:
+            bits.append(f"wanted by {_thread_names(t for t, _ in self.pins)}")
+        return f"{self.name!r} on {self.tier}: " + (", ".join(bits) or "idle")
+
 
 # ----------------------------------------------------------------------- cache
 class ModelCache:
     """Named models under a byte budget per device; LRU eviction; prefetch; thread-safe.
 
-    Also the plugin ``model_cache``: options ``budgets`` (device -> bytes, size string or
-    ``"auto"``: free memory minus ``reserve``), ``offload_dir`` (disk tier; a temporary
-    folder by default), ``pin_memory``, ``wait_timeout`` (seconds to wait for models in use
-    by other threads), ``device`` (default compute device) and ``models`` (names in
-    ``engine.state.models`` to manage, or name -> ``{"frozen": bool}``).
+    Also the plugin ``model_cache``.
+
+    Args:
+        budgets: device -> bytes, a size string (``"8GiB"``) or ``"auto"`` (free memory minus
+            ``reserve``); a device without a budget is unlimited.
+        offload_dir: folder of the disk tier; a temporary folder by default.
+        reserve: memory left free on a device whose budget is ``"auto"``.
+        pin_memory: pin the host copies of models offloaded from a CUDA device.
+        wait_timeout: seconds one acquire or prefetch waits in all for other threads (a model
+            they load or hold elsewhere, room they hold); then ``CacheTimeoutError``.
+        device: default compute device (the engine's device when used as a plugin).
+        models: names in ``engine.state.models`` to manage, or name -> ``{"frozen": bool}``.
     """
 
     def __init__(
@@ -333,10 +388,9 @@ class ModelCache:
         """Stop managing a model; returns it with its weights in memory (read back from disk if needed)."""
         with self._lock:
             entry = self._entry(name)
-            while entry.moving:
-                self._changed.wait(self.wait_timeout)
-            if entry.in_use:
-                raise CacheError(f"model {name!r} is in use; release it before removing it")
+            self._wait_still(entry, "remove it")
+            if entry.in_use or entry.pinned:
+                raise CacheError(f"model {name!r} is in use ({entry.users()}); release it before removing it")
             if entry.partial is not None:
                 self._undo_partial(entry)
             if entry.tier == DISK:
@@ -348,16 +402,16 @@ class ModelCache:
     # ------------------------------------------------------------ acquire
     @contextlib.contextmanager
     def acquire(self, name: str, device: str | None = None) -> Iterator[Any]:
-        """Make sure ``name`` is on ``device`` and keep it there while the block runs."""
+        """Make sure ``name`` is on ``device`` and keep it there while the block runs.
+
+        Waits at most ``wait_timeout`` seconds in all for other threads (``CacheTimeoutError``).
+        """
         device = self._target(device)
         me = threading.get_ident()
         with self._lock:
             entry = self._entry(name)
-            entry.holders[me] += 1
+        self._ensure(entry, device, time.monotonic() + self.wait_timeout, hold=True)
         try:
-            self._ensure(entry, device)
-            with self._lock:
-                entry.last_used = next(self._clock)
             yield entry.model
         finally:
             with self._lock:
@@ -374,7 +428,12 @@ class ModelCache:
         with self._lock:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hookengine-prefetch")
-        return self._executor.submit(lambda: (self._ensure(entry, device), entry.model)[1])
+
+        def run() -> Any:
+            self._ensure(entry, device, time.monotonic() + self.wait_timeout, hold=False)
+            return entry.model
+
+        return self._executor.submit(run)
 
     def _target(self, device: str | None) -> str:
         if device is not None:
@@ -385,33 +444,89 @@ class ModelCache:
             self.device = "cuda:0" if torch.cuda.is_available() else "cpu"
         return self.device
 
-    def _ensure(self, entry: _Entry, device: str) -> None:
-        """Bring ``entry`` to ``device``: a hit, or reserve room (evicting) and move it."""
+    def _ensure(self, entry: _Entry, device: str, deadline: float, hold: bool) -> None:
+        """Bring ``entry`` to ``device`` (and hold it when ``hold``): a hit, a wait for another
+        thread's load, or this thread loads it. Raises ``CacheTimeoutError`` at ``deadline``."""
         started = time.perf_counter()
         me = threading.get_ident()
+        pin = (me, device)
         with self._lock:
-            # Wait while another thread moves it, or uses it on another device.
-            while entry.moving or (entry.tier != device and set(entry.holders) - {me}):
-                self._changed.wait(self.wait_timeout)
-            if entry.tier == device:
-                self.stats["hits"] += 1
-                return
+            pinned = False
+            try:
+                while True:
+                    if self._entries.get(entry.name) is not entry:
+                        raise CacheError(f"model {entry.name!r} was removed from the cache while waiting for it")
+                    if not entry.moving:
+                        if entry.tier == device:  # ready: holding it and leaving the pin is one step
+                            self.stats["hits"] += 1
+                            self._ready(entry, hold, me)
+                            return
+                        if not set(entry.holders) - {me}:
+                            if me in entry.holders:  # moving it would pull it from under this thread
+                                raise CacheError(
+                                    f"model {entry.name!r} is in use on {entry.tier} by this thread; "
+                                    f"release it before acquiring it on {device}"
+                                )
+                            break  # this thread loads it
+                    # Another thread moves it, or uses it on another device: wait, pinned.
+                    if not pinned:
+                        entry.pins[pin] += 1
+                        pinned = True
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise CacheTimeoutError(
+                            f"model {entry.name!r}: waited {self.wait_timeout:g} s (wait_timeout) to use it on "
+                            f"{device}; {entry.users()}",
+                            [entry],
+                        )
+                    self._changed.wait(left)
+            finally:
+                if pinned:
+                    entry.pins[pin] -= 1
+                    if entry.pins[pin] <= 0:
+                        del entry.pins[pin]
+                    self._changed.notify_all()
             self.stats["misses"] += 1
-            if entry.tier == UNLOADED:
-                entry.model = entry.factory()  # type: ignore[misc]
-                entry.disk_current = False
+            entry.moving, entry.loader = True, me
+        loaded: dict[str, Any] | None = None
+        try:
+            loaded = self._load(entry, device, deadline, hold, started)
+        finally:
+            with self._lock:
+                entry.moving, entry.loader = False, None
+                self._changed.notify_all()
+        if loaded is not None:
+            self._emit("loaded", **loaded)
+
+    def _ready(self, entry: _Entry, hold: bool, me: int) -> None:
+        """``entry`` is on its device: count this thread as a holder (lock held)."""
+        entry.last_used = next(self._clock)
+        if hold:
+            entry.holders[me] += 1
+
+    def _load(self, entry: _Entry, device: str, deadline: float, hold: bool, started: float) -> dict[str, Any] | None:
+        """The loader's part (``entry.moving`` is this thread's): create, reserve room, move up.
+
+        Returns the ``loaded`` event's payload for a whole move, None otherwise."""
+        me = threading.get_ident()
+        if entry.tier == UNLOADED:
+            model = entry.factory()  # type: ignore[misc]  # outside the lock: other models stay usable
+            with self._lock:
+                entry.model, entry.disk_current = model, False
                 self._adopt(entry)
                 if entry.tier == device:
-                    return
+                    self._ready(entry, hold, me)
+                    return None
+        with self._lock:
             if entry.partial is not None:
                 self._undo_partial(entry)
             budget = self.budget(device)
             if budget is not None and entry.nbytes > budget:
                 self._load_partial(entry, device, budget)
                 self.stats["seconds"] += time.perf_counter() - started
-                return
-            self._reserve(entry, device)
-            entry.moving = True
+                self._ready(entry, hold, me)
+                return None
+            self._reserve(entry, device, deadline)
         done = False
         try:
             self._move_up(entry, device)
@@ -423,28 +538,43 @@ class ModelCache:
                     entry.tier, entry.resident = device, entry.nbytes
                     self.stats["bytes_moved"] += entry.nbytes
                     self.stats["loads"] += 1
-                entry.moving = False
+                    self._ready(entry, hold, me)
                 self.stats["seconds"] += time.perf_counter() - started
-                self._changed.notify_all()
-        self._emit("loaded", name=entry.name, device=device, nbytes=entry.nbytes, seconds=time.perf_counter() - started)
+        return {"name": entry.name, "device": device, "nbytes": entry.nbytes, "seconds": time.perf_counter() - started}
 
-    def _reserve(self, entry: _Entry, device: str) -> None:
-        """Reserve ``entry.nbytes`` on ``device`` (lock held), evicting or waiting for room."""
-        deadline = time.monotonic() + self.wait_timeout
+    def _reserve(self, entry: _Entry, device: str, deadline: float) -> None:
+        """Reserve ``entry.nbytes`` on ``device`` (lock held), evicting or waiting until ``deadline`` for room."""
+        me = threading.get_ident()
         while True:
             try:
                 self._make_room(device, entry.nbytes, exclude=entry)
                 break
             except CacheFullError as exc:
-                me = threading.get_ident()
-                # Waiting only helps if another thread holds (or moves) a blocking model.
-                if not any(set(e.holders) - {me} or e.moving for e in exc.blockers):
-                    raise CacheFullError(f"model {entry.name!r}: {exc}") from None
+                # Waiting only helps if another thread holds, wants or moves a blocking model.
+                others = [e for e in exc.blockers if e is not entry and e.others(me)]
+                if not others:
+                    raise CacheFullError(f"model {entry.name!r}: {exc}", exc.blockers) from None
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise CacheFullError(f"model {entry.name!r}: {exc} (waited {self.wait_timeout:.0f} s)") from None
+                    raise CacheTimeoutError(
+                        f"model {entry.name!r}: {exc}; waited {self.wait_timeout:g} s (wait_timeout) for "
+                        + "; ".join(e.users() for e in others),
+                        exc.blockers,
+                    ) from None
                 self._changed.wait(left)
         self._reserved[device] += entry.nbytes
+
+    def _wait_still(self, entry: _Entry, action: str) -> None:
+        """Wait (lock held) until no thread moves ``entry``, at most ``wait_timeout`` seconds."""
+        deadline = time.monotonic() + self.wait_timeout
+        while entry.moving:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise CacheTimeoutError(
+                    f"model {entry.name!r}: waited {self.wait_timeout:g} s (wait_timeout) to {action}; {entry.users()}",
+                    [entry],
+                )
+            self._changed.wait(left)
 
     def _make_room(self, device: str, need: int, exclude: _Entry | None = None) -> None:
         """Evict least recently used idle models from ``device`` until ``need`` bytes fit (lock held)."""
@@ -455,14 +585,14 @@ class ModelCache:
             raise CacheFullError(f"{need} bytes can never fit the {budget}-byte budget of {device}")
         while self.resident_bytes(device) + need > budget:
             victims = [e for e in self._entries.values() if e.tier == device and e is not exclude]
-            idle = [e for e in victims if not e.in_use and not e.moving]
+            idle = [e for e in victims if not e.busy]
             if not idle:
                 busy = sorted(e.name for e in victims)
                 raise CacheFullError(
                     f"no room for {need} bytes on {device} (budget {budget}, used {self.resident_bytes(device)}): "
                     f"models in use there: {busy}",
                     # Moves in flight hold reservations: waiting for them can help too.
-                    victims + [e for e in self._entries.values() if e.moving],
+                    victims + [e for e in self._entries.values() if e.moving and e is not exclude and e not in victims],
                 )
             victim = min(idle, key=lambda e: e.last_used)
             self._move_down(victim, event="evicted")
@@ -515,10 +645,9 @@ class ModelCache:
             if tier not in ("cpu", DISK):
                 raise CacheError(f"offload tier must be 'cpu' or 'disk', got {tier!r}")
             entry = self._entry(name)
-            while entry.moving:
-                self._changed.wait(self.wait_timeout)
-            if entry.in_use:
-                raise CacheError(f"model {name!r} is in use; it cannot be offloaded")
+            self._wait_still(entry, "offload it")
+            if entry.in_use or entry.pinned:
+                raise CacheError(f"model {name!r} is in use ({entry.users()}); it cannot be offloaded")
             while entry.tier not in (tier, DISK, UNLOADED):
                 self._move_down(entry, event="offloaded")
 
@@ -528,10 +657,9 @@ class ModelCache:
             entry = self._entry(name)
             if entry.factory is None:
                 raise CacheError(f"model {name!r} has no factory to re-create it; offload it to disk instead")
-            while entry.moving:
-                self._changed.wait(self.wait_timeout)
-            if entry.in_use:
-                raise CacheError(f"model {name!r} is in use; it cannot be unloaded")
+            self._wait_still(entry, "unload it")
+            if entry.in_use or entry.pinned:
+                raise CacheError(f"model {name!r} is in use ({entry.users()}); it cannot be unloaded")
             if entry.partial is not None:
                 self._undo_partial(entry)
             source = entry.tier
@@ -666,7 +794,7 @@ class ModelCache:
 
     def _evict_all_idle(self, device: str, exclude: _Entry) -> None:
         for other in sorted(self._entries.values(), key=lambda e: e.last_used):
-            if other is not exclude and other.tier == device and not other.in_use and not other.moving:
+            if other is not exclude and other.tier == device and not other.busy:
                 self._move_down(other, event="evicted")
 
     # ------------------------------------------------------------- close
@@ -681,7 +809,7 @@ class ModelCache:
             # Models still on disk would lose their weights: bring them back to the CPU first.
             with self._lock:
                 for entry in self._entries.values():
-                    if entry.tier == DISK and entry.partial is None and not entry.in_use:
+                    if entry.tier == DISK and entry.partial is None and not entry.busy:
                         self._read_disk(entry, "cpu")
                         entry.tier, entry.resident = "cpu", entry.nbytes
             shutil.rmtree(self.offload_dir, ignore_errors=True)
