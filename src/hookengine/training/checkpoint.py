@@ -1,187 +1,71 @@
-"""Checkpoints without pickle: tensors in safetensors, everything else in JSON.
+"""Save and resume the engine's whole state: the ``checkpoint`` plugin.
 
-A checkpoint is a folder ``step-00000120/`` holding ``tensors.safetensors`` and
-``state.json``. It is written under a temporary name and renamed when complete, so a
-killed process never leaves a half-written checkpoint that ``--resume`` would pick.
+The files (safetensors and JSON, no pickle; a manifest of SHA-256 hashes; atomic
+placement) are :mod:`.checkpoint_files`; the run folder's lock is :mod:`.run_lock`; the
+run shape compared on resume is :mod:`.run_signature`. Everything they export that other
+code used from here is re-exported.
 """
 
 from __future__ import annotations
 
 import copy
-import json
-import os
-import shutil
+import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ..core.points import BASE_PRIORITY
+from .checkpoint_files import (
+    META as _META,
+    PREFIX as _PREFIX,
+    CheckpointError,
+    CorruptCheckpointError,
+    checkpoints_in,
+    clean_stale,
+    latest_checkpoint,
+    load_tree,
+    save_tree,
+    write_checkpoint,
+)
+from .run_lock import RunLock, RunLockError
+from .run_signature import compare_signatures, run_signature
 
-__all__ = ["Checkpointing", "CheckpointError", "save_tree", "load_tree", "latest_checkpoint"]
+__all__ = [
+    "Checkpointing", "CheckpointError", "CorruptCheckpointError", "RunLockError", "save_tree", "load_tree",
+    "latest_checkpoint", "checkpoints_in", "write_checkpoint",
+]
 
-_PREFIX = "step-"
-_TENSORS = "tensors.safetensors"
-_META = "state.json"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or does not fit the run."""
-
-
-# --------------------------------------------------------------- tree <-> files
-def _encode(obj: Any, tensors: dict[str, Any], path: str) -> Any:
-    import numpy as np
-    import torch
-
-    if isinstance(obj, torch.Tensor):
-        key = f"t{len(tensors)}"
-        tensors[key] = obj
-        return {"__tensor__": key}
-    if isinstance(obj, np.ndarray):
-        key = f"t{len(tensors)}"
-        tensors[key] = torch.from_numpy(obj.astype(np.int64) if obj.dtype.kind in "ui" else obj.copy())
-        return {"__ndarray__": key, "dtype": str(obj.dtype)}
-    if isinstance(obj, (np.integer, np.floating)):
-        return obj.item()
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    if isinstance(obj, tuple):
-        return {"__tuple__": [_encode(v, tensors, f"{path}[{i}]") for i, v in enumerate(obj)]}
-    if isinstance(obj, list):
-        return [_encode(v, tensors, f"{path}[{i}]") for i, v in enumerate(obj)]
-    if isinstance(obj, dict):
-        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
-            return {k: _encode(v, tensors, f"{path}.{k}") for k, v in obj.items()}
-        return {"__items__": [[_encode(k, tensors, path), _encode(v, tensors, f"{path}.{k}")] for k, v in obj.items()]}
-    if isinstance(obj, torch.dtype):
-        return {"__dtype__": str(obj).removeprefix("torch.")}
-    raise CheckpointError(f"cannot checkpoint {path}: values of type {type(obj).__name__} are not supported")
-
-
-def _decode(obj: Any, tensors: dict[str, Any]) -> Any:
-    if isinstance(obj, list):
-        return [_decode(v, tensors) for v in obj]
-    if not isinstance(obj, dict):
-        return obj
-    if "__tensor__" in obj:
-        return tensors[obj["__tensor__"]]
-    if "__ndarray__" in obj:
-        return tensors[obj["__ndarray__"]].numpy().astype(obj["dtype"])
-    if "__tuple__" in obj:
-        return tuple(_decode(v, tensors) for v in obj["__tuple__"])
-    if "__items__" in obj:
-        return {_decode(k, tensors): _decode(v, tensors) for k, v in obj["__items__"]}
-    if "__dtype__" in obj:
-        import torch
-
-        return getattr(torch, obj["__dtype__"])
-    return {k: _decode(v, tensors) for k, v in obj.items()}
-
-
-def save_tree(tree: Any, folder: Path) -> None:
-    """Write ``tree`` (dicts, lists, tuples, numbers, strings, tensors, arrays) to ``folder``."""
-    from safetensors.torch import save_file
-
-    tensors: dict[str, Any] = {}
-    encoded = _encode(tree, tensors, "state")
-    seen: set[tuple[int, int]] = set()
-    ready = {}
-    for key, tensor in tensors.items():
-        tensor = tensor.detach().cpu()
-        # safetensors refuses shared storage (tied weights, views): copy those.
-        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
-        if ident in seen or not tensor.is_contiguous() or tensor.untyped_storage().nbytes() != tensor.nbytes:
-            tensor = tensor.clone().contiguous()
-        seen.add(ident)
-        ready[key] = tensor
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(ready, str(folder / _TENSORS))
-    with open(folder / _META, "w") as f:
-        json.dump(encoded, f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def load_tree(folder: Path) -> Any:
-    """Read what :func:`save_tree` wrote; errors name the folder."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    meta, weights = folder / _META, folder / _TENSORS
-    for path in (meta, weights):
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint {folder} is incomplete: {path.name} is missing")
-    try:
-        tensors = load_file(str(weights))
-        with open(meta) as f:
-            encoded = json.load(f)
-    except Exception as exc:
-        raise CheckpointError(f"checkpoint {folder} cannot be read: {exc}") from exc
-    return _decode(encoded, tensors)
-
-
-def checkpoints_in(folder: Path) -> list[Path]:
-    """Complete checkpoints in ``folder``, oldest first."""
-    if not folder.is_dir():
-        return []
-    found = []
-    for path in folder.iterdir():
-        name = path.name
-        if name.startswith(_PREFIX) and name[len(_PREFIX):].isdigit() and (path / _META).is_file():
-            found.append((int(name[len(_PREFIX):]), path))
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(folder: Path) -> Path | None:
-    found = checkpoints_in(Path(folder))
-    return found[-1] if found else None
-
-
-def write_checkpoint(tree: Any, folder: Path, step: int, keep_last: int | None) -> Path:
-    """Write atomically as ``folder/step-NNNNNNNN`` and prune to the newest ``keep_last``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"{_PREFIX}{step:08d}"
-    tmp = folder / f".{final.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    save_tree(tree, tmp)
-    if final.exists():  # the same step saved again (e.g. at the end of a run)
-        old = folder / f".{final.name}.old-{os.getpid()}"
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)
-    _fsync_dir(folder)
-    if keep_last:
-        for stale in checkpoints_in(folder)[:-keep_last]:
-            shutil.rmtree(stale, ignore_errors=True)
-    return final
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------- plugin
 class Checkpointing:
     """Save and resume the whole engine state (slots ``save_checkpoint``/``load_checkpoint``).
 
+    Every checkpoint carries a manifest of SHA-256 hashes, checked on load, and the run's
+    shape (processes, batch size per process, gradient accumulation per phase), compared on
+    resume. At the start of a run the main process locks the run folder (``run.lock``: a
+    second run into it is refused, naming the first) and removes what killed runs left
+    behind (temporary checkpoint folders of dead processes, empty step folders).
+
     Args:
         every: save every N optimizer steps (0: only at the end and on request).
         keep_last: how many checkpoints to keep (0 keeps all).
-        resume: ``None`` (start fresh), ``"latest"`` (newest in the folder, if any), or a path.
+        resume: ``None`` (start fresh); ``"latest"`` (the newest valid checkpoint in the
+            folder: damaged ones are skipped, each with a one-line reason; with no
+            checkpoint at all the run says so and starts from scratch); ``"required"``
+            (as ``latest``, but no checkpoint is a one-line error); or a path (a
+            checkpoint, or a folder of them: its newest valid one).
         folder: where checkpoints go; default ``RUN_DIR/checkpoints``.
         save_at_end: write a final checkpoint when the run ends normally.
         background: write files on a background thread; training goes on meanwhile.
             The state is copied first (a snapshot), the next save waits for the previous
             write, and the run waits for the last one before it ends.
+        lock: lock the run folder (``RUN_DIR/run.lock``, or ``folder`` when the run has no
+            run folder) for the run's duration, so two runs never write into one folder.
+        shape_check: what a resume does when the run's shape changed in a way that is not
+            exact (another global batch or gradient accumulation in the checkpoint's phase,
+            other phases before it): ``refuse`` (a one-line error listing old → new) or
+            ``warn`` (say so and go on).
     """
 
     name = "checkpoint"
@@ -194,6 +78,8 @@ class Checkpointing:
         folder: str | None = None,
         save_at_end: bool = True,
         background: bool = False,
+        lock: bool = True,
+        shape_check: Literal["refuse", "warn"] = "refuse",
     ) -> None:
         if every < 0 or keep_last < 0:
             raise ValueError("checkpoint.every and checkpoint.keep_last must be >= 0")
@@ -203,19 +89,26 @@ class Checkpointing:
         self.folder = folder
         self.save_at_end = save_at_end
         self.background = background
+        self.lock = lock
+        self.shape_check = shape_check
         self.last_saved: Path | None = None
+        self.resumed_from: Path | None = None
         self._pending: Any = None  # the Future of a background write
         self._executor: Any = None
+        self._lock: RunLock | None = None
+        self._verified: tuple[Path, Any] | None = None  # a tree checked while choosing, loaded next
 
     def setup(self, engine: Any) -> None:
         self.engine = engine
         engine.attach("save_checkpoint", self._save, priority=BASE_PRIORITY)  # base implementation
         engine.attach("load_checkpoint", self._load, priority=BASE_PRIORITY)
+        # First: refuse a second run before any plugin builds models or reads data.
+        engine.on("setup", self._start, priority="first")
         engine.on("resume", self._resume)
         if self.every:
             engine.on("step_end", self._request, every=self.every)
         engine.on("run_end", self._final)
-        engine.on("teardown", lambda state: self.wait())
+        engine.on("teardown", self._teardown)
 
     @property
     def directory(self) -> Path:
@@ -224,9 +117,39 @@ class Checkpointing:
         run_dir = self.engine.state.run_dir or "runs/default"
         return Path(run_dir) / "checkpoints"
 
+    def say(self, message: str) -> None:
+        """Print (main process only) and log one line about checkpoints."""
+        logger.info(message)
+        if self.engine.state.is_main_process:
+            print(f"hookengine: {message}", flush=True)
+
+    # ------------------------------------------------------------ start / end
+    def _start(self, state: Any) -> None:
+        if not state.is_main_process:
+            return
+        where = state.run_dir or self.folder
+        if self.lock and where and self._lock is None:
+            self._lock = RunLock(where).acquire()
+            message = self._lock.takeover_message()
+            if message:
+                self.say(message)
+        removed = clean_stale(self.directory)
+        if removed:
+            self.say(f"removed {len(removed)} leftover(s) of killed runs in {self.directory}: {', '.join(removed)}")
+
+    def _teardown(self, state: Any) -> None:
+        try:
+            self.wait()
+        finally:
+            lock, self._lock = self._lock, None
+            if lock is not None:
+                lock.release()
+
+    # ------------------------------------------------------------------ save
     def _save(self, next_impl: Any, folder: str | None = None) -> Path | None:
         engine = self.engine
         tree = engine.state_dict()
+        tree["run_signature"] = run_signature(engine.state, getattr(engine.runtime, "num_processes", 1))
         step = engine.state.clock.step
         if engine.runtime.distributed:
             # Every rank has its own RNG stream (dropout, noise): keep them all.
@@ -262,35 +185,100 @@ class Checkpointing:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hookengine-checkpoint")
         return self._executor
 
+    # ------------------------------------------------------------------ load
+    def _read(self, path: Path) -> Any:
+        """The tree of checkpoint ``path``, verified and checked in shape (CorruptCheckpointError)."""
+        tree = load_tree(path)
+        _check_tree(path, tree)
+        return tree
+
+    def newest_valid(self, folder: Path) -> tuple[Path, Any]:
+        """The newest checkpoint in ``folder`` whose files are intact, and its tree.
+
+        Damaged ones are skipped, each with a line saying why; none intact is a CheckpointError.
+        """
+        found = checkpoints_in(folder)
+        if not found:
+            raise CheckpointError(f"no complete checkpoint in {folder}")
+        reasons = []
+        for path in reversed(found):
+            try:
+                return path, self._read(path)
+            except CorruptCheckpointError as exc:
+                reasons.append(str(exc))
+                self.say(f"resume: skipping {exc}")
+        raise CheckpointError(
+            f"no valid checkpoint in {folder}: all {len(found)} are damaged (the newest: {reasons[0]})"
+        )
+
     def _load(self, next_impl: Any, path: str | Path) -> Path:
         path = Path(path)
         if not path.exists():
             raise CheckpointError(f"checkpoint {path} does not exist")
-        if not (path / _META).is_file():  # a checkpoints folder: take its newest
-            newest = latest_checkpoint(path)
-            if newest is None:
-                raise CheckpointError(f"no complete checkpoint in {path}")
-            path = newest
-        tree = load_tree(path)
-        self.engine.load_state_dict(tree)
+        cached, self._verified = self._verified, None
+        if cached is not None and cached[0] == path:
+            tree = cached[1]
+        elif (path / _META).is_file():
+            tree = self._read(path)
+        else:  # a checkpoints folder: its newest valid one
+            path, tree = self.newest_valid(path)
+        self._check_shape(path, tree)
+        try:
+            self.engine.load_state_dict(tree)
+        except CheckpointError:
+            raise
+        except (KeyError, TypeError, RuntimeError) as exc:
+            text = exc.args[0] if isinstance(exc, KeyError) and len(exc.args) == 1 else exc
+            raise CheckpointError(f"checkpoint {path}: {_META} does not fit this run: {_one_line(text)}") from exc
         runtime = self.engine.runtime
         per_rank = tree.get("rng_per_rank")
         if per_rank and len(per_rank) == runtime.num_processes:
             from ..core.state import restore_rng
 
             restore_rng(per_rank[runtime.process_index])
+        self.resumed_from = path
+        self.say(f"resumed from {path} (step {self.engine.state.clock.step})")
         self.engine.fire("checkpoint_loaded", path=path)
         return path
 
+    def _check_shape(self, path: Path, tree: dict[str, Any]) -> None:
+        engine = self.engine
+        current = run_signature(engine.state, getattr(engine.runtime, "num_processes", 1))
+        refuse, handled = compare_signatures(tree.get("run_signature"), current, tree["clock"])
+        for line in handled:
+            self.say(f"resume: {line}; continuing")
+        if not refuse:
+            return
+        changes = "; ".join(refuse)
+        if self.shape_check == "warn":
+            self.say(f"resume: the run's shape changed ({changes}); continuing (checkpoint.shape_check=warn)")
+            return
+        raise CheckpointError(
+            f"checkpoint {path} was made by a run of another shape: {changes}. Resume with the old settings, "
+            "or set checkpoint.shape_check=warn to continue anyway"
+        )
+
     def _resume(self, state: Any) -> None:
-        if not self.resume:
+        mode = self.resume
+        if not mode:
             return
-        if self.resume == "latest":
-            newest = latest_checkpoint(self.directory)
-            if newest is not None:
-                self.engine.call("load_checkpoint", newest)
-            return
-        self.engine.call("load_checkpoint", self.resume)
+        if mode in ("latest", "required"):
+            folder = self.directory
+            if not checkpoints_in(folder):
+                if mode == "required":
+                    raise CheckpointError(f"checkpoint.resume=required, but there is no checkpoint in {folder}")
+                self.say(f"no checkpoint in {folder}; starting from scratch")
+                return
+        else:
+            folder = Path(mode)
+            if not folder.exists():
+                raise CheckpointError(f"checkpoint {folder} does not exist")
+        if not (folder / _META).is_file():
+            # Choose here, so wrappers of load_checkpoint (lora_sched) see the checkpoint itself.
+            chosen, tree = self.newest_valid(folder)
+            self._verified = (chosen, tree)
+            folder = chosen
+        self.engine.call("load_checkpoint", folder)
 
     def _request(self, state: Any) -> None:
         # The loop serves the request after all step_end listeners (one save path).
@@ -300,6 +288,28 @@ class Checkpointing:
         if self.save_at_end and (self.last_saved is None or not self.last_saved.name.endswith(f"{state.clock.step:08d}")):
             self.engine.call("save_checkpoint")
         self.wait()
+
+
+_TREE_TYPES = {"clock": dict, "metrics": dict, "models": dict, "optimizers": dict, "plugins": dict, "rng": dict}
+
+
+def _check_tree(path: Path, tree: Any) -> None:
+    """The top of a checkpoint's tree has the types the engine reads (before anything is loaded)."""
+    where = f"checkpoint {path}: {_META}"
+    if not isinstance(tree, dict):
+        raise CorruptCheckpointError(f"{where} holds a {type(tree).__name__}, not a mapping")
+    if "clock" not in tree:
+        raise CorruptCheckpointError(f"{where} has no 'clock'")
+    for key, kind in _TREE_TYPES.items():
+        if key in tree and not isinstance(tree[key], kind):
+            raise CorruptCheckpointError(f"{where}: {key!r} is a {type(tree[key]).__name__}, expected a mapping")
+    for key, value in tree["clock"].items():
+        if key != "phase" and (not isinstance(value, int) or isinstance(value, bool)):
+            raise CorruptCheckpointError(f"{where}: clock.{key} is {value!r}, expected an integer")
+
+
+def _one_line(text: Any) -> str:
+    return " ".join(str(text).split())
 
 
 def _snapshot(tree: Any) -> Any:
