@@ -4,6 +4,10 @@ The loss is the one transformers computes for ``model(..., labels=labels)``: log
 float32, labels shifted left by padding them on the right with -100, mean cross entropy
 over the tokens that are not -100. Without ``labels`` in the batch, the labels are the
 ``input_ids`` with padding (``attention_mask == 0``) set to -100.
+
+Text is tokenized, masked and packed by the ``text`` plugin (:mod:`hookengine.data.text`)
+when the data set loads; this routine loads its model early in ``setup`` so that plugin
+finds the model's tokenizer folder.
 """
 
 from __future__ import annotations
@@ -112,6 +116,8 @@ class CausalLM(Routine):
 
     def setup(self, engine: Any) -> None:
         super().setup(engine)
+        # Before the data loads (default band): the text plugin reads the model's folder.
+        engine.on("setup", self.build, priority="early")
         if self.sample_prompts and self.sample_every > 0:
             engine.on("step_end", self._sample_listener, every=self.sample_every)
         if self.sample_prompts and self.sample_at_phase_end:
@@ -119,6 +125,7 @@ class CausalLM(Routine):
 
     # ------------------------------------------------------------------- build
     def build(self, state: Any) -> None:
+        """Load the model (once) and its tokenizer; called early in ``setup``."""
         self.device = self.engine.runtime.device
         if self.model_name not in state.models:
             if self.model_path is None:
@@ -145,6 +152,13 @@ class CausalLM(Routine):
 
     # -------------------------------------------------------------------- loss
     def _inputs(self, batch: Any) -> tuple[Any, Any, Any]:
+        if not hasattr(batch, "get") or batch.get("input_ids") is None:
+            keys = ", ".join(map(str, batch.keys())) if hasattr(batch, "keys") else type(batch).__name__
+            raise KeyError(
+                f"causal_lm: the batch has no 'input_ids' (keys: {keys}); add the text plugin "
+                "(use: hookengine.data.text:TextData, with text.text_column, text.prompt_column/response_column "
+                "or text.messages_column) to tokenize the data set's text"
+            )
         input_ids = batch["input_ids"].to(self.device)
         attention_mask = batch.get("attention_mask")
         attention_mask = attention_mask.to(self.device) if attention_mask is not None else None
