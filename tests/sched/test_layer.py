@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from hookengine.core.plugins import model_factory
 from hookengine.sched import groups as G
 
 from .helpers import Stack, make_engine, weights
@@ -60,6 +61,7 @@ def test_layer_decay_beit_and_electra_formulas():
     assert electra["bert.pooler.dense.weight"] == d and electra["classifier.weight"] == 1.0
 
 
+@model_factory
 def keras_model():
     import keras
 

@@ -211,7 +211,9 @@ class Engine:
         recorded as coming from it. Returns the plugin instance.
         """
         reference = plugin
-        plugin, kind = resolve_with_kind(plugin)
+        # A string names code; what it resolves to must be a plugin, checked before any call.
+        where = f"plugins.{name}.use" if name else "use"
+        plugin, kind = resolve_with_kind(plugin, "plugin", where)
         name = name or plugin_name(plugin)
         if name in self.plugins:
             raise PluginError(f"a plugin named {name!r} is already in use; pass name= to use another")

@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterator
 
+from ..core.plugins import model_factory
+
 __all__ = ["scenes", "StyleShift", "DigitsVal", "SampleTensors", "LAYOUTS", "classify_samples"]
 
 # (columns, rows) of digit tiles: square, wide, tall.
@@ -48,6 +50,7 @@ def scenes(split: str = "train", tile: int = 16, val_fraction: float = 0.1, seed
 
 
 
+@model_factory
 def digits_unet(
     sample_size: int = 8,
     channels: int = 1,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..core.plugins import resolve
+from ..core.plugins import model_factory, resolve
 
 __all__ = ["DigitsData", "DigitsConvNet", "load_digits_split", "evaluate_checkpoint"]
 
@@ -23,6 +23,7 @@ def load_digits_split(val_fraction: float = 0.2, seed: int = 0) -> tuple[Any, An
     return tx, ty, vx, vy
 
 
+@model_factory
 def DigitsConvNet(width: int = 16, hidden: int = 64, dropout: float = 0.1) -> Any:
     """A small convnet for 8x8 digits (about 40k parameters)."""
     from torch import nn

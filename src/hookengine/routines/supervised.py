@@ -14,10 +14,12 @@ class Supervised(Routine):
     """Train ``model`` on ``loss(model(inputs), targets)``.
 
     Args:
-        model: ``module:attr`` of an ``nn.Module`` class or factory.
+        model: ``module:attr`` of an ``nn.Module`` (or keras Model) class, or of a function
+            marked ``@model_factory`` (or whose return annotation is such a class).
         model_options: keyword arguments for it.
         model_name: the name under which the model is registered in ``state.models``.
-        loss: a ``torch.nn.functional`` name (``cross_entropy``, ``mse_loss``...) or ``module:attr``.
+        loss: a ``torch.nn.functional`` name (``cross_entropy``, ``mse_loss``...) or ``module:attr``
+            of a loss class, or of a function marked ``@recipe_callable("loss")``.
         inputs, targets: keys (dict batches) or positions (tuple batches) of the two parts.
         accuracy: also report ``val_accuracy`` (classification) in evaluation.
     """
@@ -41,15 +43,20 @@ class Supervised(Routine):
         self.inputs, self.targets = inputs, targets
         self.accuracy = accuracy
 
+    def setup(self, engine: Any) -> None:
+        # Resolve and check the references now (the recipe is being applied), so a wrong
+        # kind of reference fails before anything is called or trained.
+        where = f"plugins.{getattr(self, 'plugin_name', self.name)}"
+        self.factory = resolve(self.model_ref, "model", f"{where}.model")
+        self.loss_target = resolve(self.loss_ref, "loss", f"{where}.loss") if ":" in self.loss_ref else None
+        super().setup(engine)
+
     def build(self, state: Any) -> None:
         import torch
 
-        factory = resolve(self.model_ref)
-        if not callable(factory):
-            raise TypeError(f"model {self.model_ref!r} is not a class or factory")
-        state.models[self.model_name] = factory(**self.model_options)
-        if ":" in self.loss_ref:
-            self.loss_fn = resolve(self.loss_ref)
+        state.models[self.model_name] = self.factory(**self.model_options)
+        if self.loss_target is not None:
+            self.loss_fn = self.loss_target
         else:
             self.loss_fn = getattr(torch.nn.functional, self.loss_ref, None)
             if self.loss_fn is None:
