@@ -10,6 +10,8 @@ import random
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
+from .model_state import load_model_state, split_model_state
+from .optimizer_state import load_optimizer_state
 from .plan import Phase, Plan
 
 __all__ = ["Clock", "Control", "State", "as_number", "capture_rng", "restore_rng"]
@@ -92,6 +94,10 @@ class State:
     is_main_process: bool = True
     # Set by the engine to the runtime's unwrap, so checkpoints hold plain module weights.
     unwrap: Callable[[Any], Any] = field(default=lambda model: model, repr=False)
+    # Content hashes of the models' frozen parts, reused while those tensors do not change.
+    fingerprints: dict[str, Any] = field(default_factory=dict, repr=False)
+    # Lean checkpoints: models with a frozen part keep only what trains (core/model_state.py).
+    lean_checkpoints: bool = True
 
     @property
     def phase(self) -> Phase:
@@ -119,10 +125,26 @@ class State:
         }
 
     def state_dict(self) -> dict[str, Any]:
+        """Clock, metrics, models, optimizers and RNG.
+
+        A model with a frozen part keeps only what trains; ``model_refs`` holds the
+        reference (class, source, hash) its frozen base is checked against on resume.
+        """
+        models, refs = {}, {}
+        in_optimizers = {id(p) for o in self.optimizers.values() for g in o.param_groups for p in g["params"]}
+        for name, model in self.checkpointed_models().items():
+            model = self.unwrap(model)
+            if not self.lean_checkpoints or not hasattr(model, "named_parameters"):
+                models[name] = model.state_dict()
+                continue
+            models[name], reference = split_model_state(model, in_optimizers, self.fingerprints, name)
+            if reference is not None:
+                refs[name] = reference
         return {
             "clock": self.clock.state_dict(),
             "metrics": {k: as_number(v) for k, v in self.metrics.items()},
-            "models": {name: self.unwrap(m).state_dict() for name, m in self.checkpointed_models().items()},
+            "models": models,
+            "model_refs": refs,
             "optimizers": {name: o.state_dict() for name, o in self.optimizers.items()},
             "rng": capture_rng(),
         }
@@ -130,14 +152,19 @@ class State:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.clock.load_state_dict(state["clock"])
         self.metrics.update(state.get("metrics", {}))
+        refs = state.get("model_refs", {})
         for kind, objects in (("models", self.checkpointed_models()), ("optimizers", self.optimizers)):
             saved = state.get(kind, {})
             missing = sorted(set(objects) - set(saved))
             if missing:
                 raise KeyError(f"checkpoint has no {kind} named {missing}; it has {sorted(saved)}")
-            for name, obj in objects.items():
-                target = self.unwrap(obj) if kind == "models" else obj
-                target.load_state_dict(saved[name])
+            for name in objects:
+                obj = self.optimizers.get(name) if kind == "optimizers" else objects[name]
+                if kind == "models":
+                    load_model_state(self.unwrap(obj), saved[name], refs.get(name), self.fingerprints, name)
+                else:
+                    # Re-read: a patched load (optim_sched) may replace the optimizer.
+                    load_optimizer_state(self.optimizers, name, saved[name])
         if "rng" in state:
             restore_rng(state["rng"])
 

@@ -10,12 +10,14 @@ gets ``group["scheduled_lr"] = schedule.lr(k, group["base_lr"])`` and then
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Literal
 
 from ..core.plugins import closest
 from . import groups as _groups
 from .lr_schedules import (  # resolve_length is also imported from here by sched/layer.py
     _METRIC_NAMES,
+    LambdaSchedule,
     LRSchedule,
     _unknown,
     all_names,
@@ -24,6 +26,8 @@ from .lr_schedules import (  # resolve_length is also imported from here by sche
 )
 
 __all__ = ["LRScheduler"]
+
+logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- plugin
@@ -100,17 +104,24 @@ class LRScheduler:
         raise RuntimeError("lr_sched: no optimizer with parameter groups in state.optimizers")
 
     def build(self) -> LRSchedule:
-        """Resolve lengths (fractions need the run length) and build the schedule."""
+        """Resolve lengths (fractions need the run length) and build the schedule.
+
+        Lengths come from the options and the run as it is now, also on resume: a run
+        extended with a higher ``max_steps`` / ``total_steps`` follows the schedule of the
+        new length from the resume point on.
+        """
         if self.schedule is not None:
             return self.schedule
-        total = self._resolved.get("total", self._run_length())
-        warmup = self._resolved.get("warmup", resolve_length(self.warmup, total, "lr_sched.warmup"))
+        total = self._run_length()
+        warmup = resolve_length(self.warmup, total, "lr_sched.warmup")
         options = dict(self.options)
         if self.decay is not None:
-            options["num_decay_steps"] = self._resolved.get("decay", resolve_length(self.decay, total, "lr_sched.decay"))
+            options["num_decay_steps"] = resolve_length(self.decay, total, "lr_sched.decay")
         group = self._reference_group()
         base = self.base_lr if self.base_lr is not None else _groups.base_lr_of(group)
-        self._resolved = {"total": total, "warmup": warmup, "base_lr": base, **({"decay": options["num_decay_steps"]} if self.decay is not None else {})}
+        resolved = {"total": total, "warmup": warmup, "base_lr": base, **({"decay": options["num_decay_steps"]} if self.decay is not None else {})}
+        self._report_changes(self._resolved, resolved)
+        self._resolved = resolved
         self.schedule = make_schedule(
             self.schedule_name, base_lr=base, warmup_steps=warmup, total_steps=total, options=options, hyper=dict(group)
         )
@@ -118,6 +129,15 @@ class LRScheduler:
             self.schedule.load_state_dict(self._pending_state)
             self._pending_state = None
         return self.schedule
+
+    def _report_changes(self, saved: dict[str, Any], now: dict[str, Any]) -> None:
+        """One log line per length (or this plugin's own lr) that differs from the checkpoint's run."""
+        for key, value in now.items():
+            if key == "base_lr" and self.base_lr is None:
+                continue  # the group's lr: reported where the optimizer is loaded (core/optimizer_state.py)
+            if key in saved and saved[key] != value:
+                what = "lr" if key == "base_lr" else f"lr_sched.{key}"
+                logger.warning("%s changed on resume: %s → %s (the recipe wins over the checkpoint)", what, saved[key], value)
 
     # ------------------------------------------------------------- writing
     def _optimizers(self) -> list[Any]:
@@ -137,6 +157,11 @@ class LRScheduler:
     def _write(self, state: Any) -> None:
         schedule = self.build()
         t = self.progress()
+        total = self._resolved.get("total")
+        if total is not None and isinstance(schedule, LambdaSchedule):
+            # Past the end a curve holds its last value (transformers' cosine would climb
+            # back up): an extended or overlong run never returns to the peak.
+            t = min(t, total)
         extras = schedule.extras(t)
         optimizers = self._optimizers()
         for optimizer in optimizers:
@@ -166,7 +191,8 @@ class LRScheduler:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        # Lengths resolved in the first run are kept, so the curve does not move on resume.
+        # The lengths of the checkpoint's run are only compared with the new ones (build
+        # logs a change): the recipe's lengths and options win, so a run can be extended.
         self._resolved = dict(state.get("resolved", {}))
         self.schedule = None
         self._pending_state = state.get("schedule") or None
