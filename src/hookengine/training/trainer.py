@@ -14,12 +14,13 @@ from typing import Any, Literal
 from ..core.plan import Phase, plan_settings
 from ..core.plugins import PluginError
 from ..core.points import BASE_PRIORITY
+from .agree import Agreement
+from .finite import FiniteGuard, NonFiniteLossError, NonFiniteStateError
+from .signals import StopSignals, StoppedBySignal, signal_number
 
-__all__ = ["TrainingLoop", "Phase", "NonFiniteLossError", "BASE_PRIORITY"]
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss was NaN or infinite; the message names the step, epoch and batch."""
+__all__ = [
+    "TrainingLoop", "Phase", "NonFiniteLossError", "NonFiniteStateError", "StoppedBySignal", "BASE_PRIORITY",
+]
 
 
 class TrainingLoop:
@@ -29,8 +30,22 @@ class TrainingLoop:
         grad_clip: clip the gradient norm to this value before each optimizer step.
         eval_every: run ``evaluate`` every N optimizer steps (0: only at phase ends).
         eval_at_phase_end: run ``evaluate`` when a phase ends.
-        nonfinite: what a NaN/inf loss does: ``stop`` (raise, naming the step),
-            ``skip`` (no optimizer step for that batch, counted in metrics), ``ignore``.
+        nonfinite: what a NaN/inf loss or state does: ``stop`` (raise, naming the step and
+            the checkpoint kept), ``skip`` (no optimizer step for a batch with a non-finite
+            loss, counted in metrics; a non-finite state still stops), ``ignore`` (warn once
+            per occurrence, naming the step, and go on; a run whose final state is non-finite
+            still fails). Whatever the policy, a checkpoint of non-finite weights or
+            optimizer state is never written: the last finite one stays the newest.
+        finite_check_every: with ``stop``/``ignore``, read the losses kept on the device
+            every N optimizer steps (0: only before checkpoints and at the end); there is no
+            per-step host read. ``skip`` reads every loss (it must decide per batch).
+        stop_signals: signals that stop the run at the next step boundary with a checkpoint
+            (exit code 128 + signal number: 143 for SIGTERM, 130 for SIGINT); a second one
+            stops at once. Empty: leave the signals alone. Handlers are installed only when
+            the run is in the main thread, and the previous ones are restored at teardown.
+        stop_check_every: in a multi-process run, agree on a received signal every N
+            optimizer steps (one all-reduce of one integer over a gloo group, so no GPU
+            synchronisation); every rank stops at the same step, at most N steps late.
         epochs, max_steps, phases, gradient_accumulation_steps, optimizer, lr,
             weight_decay, optimizer_options: short forms of the same ``train_sched``
             options (they write ``state.plan``; setting a key in both places is an error).
@@ -52,15 +67,28 @@ class TrainingLoop:
         eval_every: int = 0,
         eval_at_phase_end: bool = True,
         nonfinite: Literal["stop", "skip", "ignore"] = "stop",
+        finite_check_every: int = 10,
+        stop_signals: list[str] = ["SIGTERM", "SIGINT"],  # noqa: B006 - copied below, never mutated
+        stop_check_every: int = 10,
     ) -> None:
         if gradient_accumulation_steps is not None and gradient_accumulation_steps < 1:
             raise ValueError("trainer.gradient_accumulation_steps must be >= 1")
+        if finite_check_every < 0:
+            raise ValueError("trainer.finite_check_every must be >= 0")
+        if stop_check_every < 1:
+            raise ValueError("trainer.stop_check_every must be >= 1")
+        for name in stop_signals:
+            signal_number(name)  # an unknown name fails here, naming the option
         self.plan_options = plan_settings(locals())
         self.grad_clip = grad_clip
         self.eval_every = eval_every
         self.eval_at_phase_end = eval_at_phase_end
         self.nonfinite = nonfinite
+        self.finite_check_every = finite_check_every
+        self.stop_signals = list(stop_signals)
+        self.stop_check_every = stop_check_every
         self.skipped_nonfinite = 0
+        self.signals: StopSignals | None = None
         self.accumulation = 1  # of the current phase, read once per phase (hot path)
         self.precision: str | None = None
 
@@ -79,6 +107,10 @@ class TrainingLoop:
             ("eval_step", self._eval_step),
         ):
             engine.attach(point, impl, priority=BASE_PRIORITY)
+        self.agreement = Agreement(engine.runtime)
+        self.finite = FiniteGuard(engine, self.nonfinite, self.agreement)
+        self._guarding = False
+        engine.on("checkpoint_loaded", lambda state, path: self.finite.on_loaded(path))
 
     def state_dict(self) -> dict[str, Any]:
         return {"skipped_nonfinite": self.skipped_nonfinite}
@@ -93,6 +125,13 @@ class TrainingLoop:
         state.is_main_process = runtime.is_main_process
         if not engine.has("prepare"):  # the plan's slots come from train_sched (or a replacement)
             engine.use("train_sched")
+        if engine.has("save_checkpoint") and not self._guarding:
+            # Outermost, so no save (periodic, requested, final, on a signal) writes NaN weights.
+            engine.attach("save_checkpoint", self.finite.guard_save, priority="first", plugin=getattr(self, "plugin_name", self.name))
+            self._guarding = True
+        if self.stop_signals:
+            self.signals = StopSignals(self.stop_signals)
+            self.signals.install()
         try:
             engine.fire("setup")
             engine.call("prepare")
@@ -114,12 +153,15 @@ class TrainingLoop:
                     engine.fire("phase_end", phase=phase)
                 if not finished or plan.run_done(clock) or not plan.advance(clock):
                     break
+            self.finite.check_end()
             engine.fire("run_end")
             return state
         except BaseException as error:
             engine.fire("exception", error=error)
             raise
         finally:
+            if self.signals is not None:
+                self.signals.restore()
             engine.fire("teardown")
             runtime.end()
 
@@ -175,6 +217,36 @@ class TrainingLoop:
             if control.checkpoint_requested:
                 control.checkpoint_requested = False
                 engine.call("save_checkpoint")
+            if self.finite_check_every and clock.step % self.finite_check_every == 0:
+                self.finite.check()
+            if self.signals is not None:
+                self._serve_signal()
+
+    def _serve_signal(self) -> None:
+        """At a step boundary: after a stop signal (on any rank), checkpoint and stop."""
+        engine, clock = self.engine, self.engine.state.clock
+        received = self.signals.received if self.signals is not None else None
+        if engine.runtime.distributed:
+            if clock.step % self.stop_check_every:
+                return
+            received = self.agreement.max(received or 0) or None
+        if received is None:
+            return
+        import signal
+
+        name = signal.Signals(received).name
+        engine.state.control.stop(name)
+        path = engine.call("save_checkpoint") if engine.has("save_checkpoint") else None
+        if self.finite.kept_step == clock.step:
+            kept = f"checkpoint {path if path is not None else f'of step {clock.step}'} written"
+        else:
+            kept = self.finite.kept_text()
+        rank = f" (rank {engine.runtime.process_index})" if engine.runtime.distributed else ""
+        message = f"stopped by {name} at step {clock.step}{rank}; {kept}; continue with --resume"
+        import sys
+
+        print(f"hookengine: {message}", file=sys.stderr, flush=True)
+        raise StoppedBySignal(received, message)
 
     # ------------------------------------------------------------ the step
     def _train_step(self, next_impl: Any, batch: Any) -> Any:
@@ -188,8 +260,11 @@ class TrainingLoop:
         else:
             with runtime.autocast(self.precision):
                 loss = engine.call("compute_loss", batch)
-        if self.nonfinite != "ignore" and not math.isfinite(loss.item()):
-            return self._nonfinite(loss, batch)
+        if self.nonfinite == "skip":
+            if not math.isfinite(loss.item()):  # skip must know per batch
+                return self._nonfinite(loss, batch)
+        else:
+            self.finite.record(loss.detach(), "loss")  # read at the next read point: no host sync here
         scaled = loss / self.accumulation if self.accumulation > 1 else loss
         if boundary or not runtime.distributed:
             engine.call("backward", scaled)
@@ -213,11 +288,6 @@ class TrainingLoop:
         where = (
             f"step {clock.step} (phase {clock.phase!r}, epoch {clock.epoch}, batch {clock.batch_in_epoch})"
         )
-        if self.nonfinite == "stop":
-            raise NonFiniteLossError(
-                f"loss is {loss.item()} at {where}; the last checkpoint is kept. "
-                "Set trainer.nonfinite=skip to skip such batches"
-            )
         self.skipped_nonfinite += 1
         state.metrics["skipped_nonfinite"] = self.skipped_nonfinite
         for optimizer in state.optimizers.values():
@@ -234,7 +304,9 @@ class TrainingLoop:
             import torch
 
             params = [p for m in state.models.values() if hasattr(m, "parameters") for p in m.parameters() if p.grad is not None]
-            state.metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+            state.metrics["grad_norm"] = norm
+            self.finite.record(norm, "gradient norm")  # NaN gradients may come with a finite loss
         for optimizer in state.optimizers.values():
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
