@@ -21,9 +21,9 @@ def main() -> None:
     from hookengine import Engine
 
     engine = Engine(seed=0, cpu=True)
-    engine.use("dataset", path="imagefolder", data_dir=image_dir, batch_size=2)
-    engine.use("bucketing", max_resolution=128, min_size=64, max_size=256, step=32, remainder="drop",
-               random_crop=True)
+    # remainder is the dataset's option now (one policy for the dataset and bucketing)
+    engine.use("dataset", path="imagefolder", data_dir=image_dir, batch_size=2, remainder="drop")
+    engine.use("bucketing", max_resolution=128, min_size=64, max_size=256, step=32, random_crop=True)
     module = torch.nn.Linear(1, 1)
     engine.state.models["m"] = module
     engine.use("trainer", epochs=2, lr=0.01)

@@ -16,6 +16,8 @@ from hookengine.data.images import BadSampleError, open_image, resize_crop, to_t
 from .conftest import broken_files, write_images
 
 SETTINGS = dict(max_resolution=128, min_size=64, max_size=256, step=32)
+# bucketing follows the dataset's remainder (default pad; tests that used bucketing's own
+# remainder="pad" now rely on that default)
 
 
 def _engine(run_dir=None, **dataset):
@@ -61,7 +63,7 @@ def test_imagefolder_bucketed_round_trip(tmp_path, sizes):
     rows = write_images(tmp_path / "imgs", sizes)
     engine = _engine(path="imagefolder", data_dir=str(tmp_path / "imgs"), batch_size=3,
                      caption_column="text", require_caption=True)
-    engine.use("bucketing", remainder="pad", **SETTINGS)
+    engine.use("bucketing", **SETTINGS)
     engine.fire("setup")
     data = engine.plugins["dataset"].datasets["train"]
     by_name = {r["file_name"]: r for r in rows}
@@ -122,7 +124,7 @@ def test_streaming_imagefolder_bucketed(tmp_path, sizes):
     rows = write_images(tmp_path / "imgs", sizes)
     engine = _engine(path="imagefolder", data_dir=str(tmp_path / "imgs"), batch_size=2, streaming=True,
                      caption_column="text")
-    engine.use("bucketing", remainder="pad", **SETTINGS)
+    engine.use("bucketing", **SETTINGS)
     engine.fire("setup")
     loader = engine.state.dataloaders["train"]
     batches = _epoch(loader)
@@ -218,7 +220,7 @@ def test_broken_images_are_skipped_counted_and_named(tmp_path, run_dir):
     write_images(folder, [(200, 150), (150, 200), (300, 300), (256, 256)] * 3, captions=False)
     expected = broken_files(folder)
     engine = _engine(run_dir=run_dir, path="imagefolder", data_dir=str(folder), batch_size=2)
-    engine.use("bucketing", remainder="pad", **SETTINGS)
+    engine.use("bucketing", **SETTINGS)
     seen = []
     _train(engine, max_steps=10, seen=seen)  # more than one epoch (about 8 batches)
     plugin = engine.plugins["dataset"]
@@ -287,8 +289,9 @@ def test_resume_mid_epoch_through_the_loop(tmp_path, sizes):
     from hookengine.training.checkpoint import load_tree, save_tree
 
     write_images(tmp_path / "imgs", sizes)
-    options = dict(path="imagefolder", data_dir=str(tmp_path / "imgs"), batch_size=2)
-    bucketing = dict(remainder="carry", random_crop=True, **SETTINGS)
+    # remainder is the dataset's option (one policy for the dataset and bucketing)
+    options = dict(path="imagefolder", data_dir=str(tmp_path / "imgs"), batch_size=2, remainder="carry")
+    bucketing = dict(random_crop=True, **SETTINGS)
 
     full: list = []
     engine = _engine(**options)
@@ -315,7 +318,7 @@ def test_workers_give_the_same_batches(tmp_path, sizes):
     for workers in (0, 2):
         engine = _engine(path="imagefolder", data_dir=str(tmp_path / "imgs"), batch_size=2, num_workers=workers,
                          persistent_workers=workers > 0)
-        engine.use("bucketing", remainder="pad", random_crop=True, flip_p=0.5, **SETTINGS)
+        engine.use("bucketing", random_crop=True, flip_p=0.5, **SETTINGS)
         engine.fire("setup")
         loader = engine.state.dataloaders["train"]
         epochs = [_epoch(loader, e) for e in range(2)]
@@ -331,7 +334,7 @@ def test_streaming_workers_give_the_same_batches(tmp_path, sizes):
     for workers in (0, 2):
         engine = _engine(path="imagefolder", data_dir=str(tmp_path / "imgs"), batch_size=2, num_workers=workers,
                          streaming=True, caption_column="text", shuffle_buffer=8)
-        engine.use("bucketing", remainder="pad", **SETTINGS)
+        engine.use("bucketing", **SETTINGS)
         engine.fire("setup")
         loader = engine.state.dataloaders["train"]
         results.append([[b["text"] for b in _epoch(loader, e, start=1)] for e in range(2)])
@@ -344,7 +347,7 @@ def test_area_mode_rebuckets_per_epoch_and_order_of_use_does_not_matter(tmp_path
     engine = Engine(seed=0)
     # bucketing used before dataset: its wrappers still wrap the dataset's base slots
     engine.use("bucketing", mode="area", resolutions=[64, 128], weights=[1, 1], resolution_policy="random",
-               align=16, max_aspect=3.0, remainder="pad")
+               align=16, max_aspect=3.0)
     engine.use("dataset", path="imagefolder", data_dir=str(tmp_path / "imgs"), batch_size=2)
     calls = []
 

@@ -16,6 +16,7 @@ Slots (each a default implementation that a user wraps or replaces with
 ``required_keys``      ``(split) -> {key: who}``: batch keys other plugins need (checked at setup)
 ``data_options``       ``(split) -> dict``: the settings other data plugins share (one
                        ``batch_size``, ``remainder``, ``seed``... for the dataset and bucketing)
+``record_skipped``     ``(entries)``: count, name and log skipped samples found elsewhere
 =====================  ==============================================================
 
 The loaders are built at the ``setup`` event (so plugins used after this one, such as
@@ -67,6 +68,7 @@ SLOTS = (
     "make_dataloader",
     "required_keys",
     "data_options",
+    "record_skipped",
 )
 
 # Caption columns looked for, in order, when caption_column is not given.
@@ -335,6 +337,8 @@ class DatasetPlugin:
               "Batch keys plugins need from a split, {key: who}; a missing one fails at setup.", "dataset"),
         Point("data_options", "slot", ("split",),
               "The data settings other data plugins share (batch_size, remainder, seed...).", "dataset"),
+        Point("record_skipped", "slot", ("entries",),
+              "Count, name and log skipped samples [(index, name, reason)], each once per run.", "dataset"),
     ]
 
     def __init__(
@@ -633,6 +637,9 @@ class DatasetPlugin:
 
     def _stream_bucket(self, next_impl: Any, sample: dict[str, Any], split: str = "train") -> Any:
         return 0
+
+    def _record_skipped(self, next_impl: Any, entries: list[tuple[int, str, str]]) -> None:
+        self.record_skipped(entries)
 
     def _required_keys(self, next_impl: Any, split: str) -> dict[str, str]:
         return {}

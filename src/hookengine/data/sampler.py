@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator, Literal
 
 import numpy as np
 
-__all__ = ["EpochPlan", "plan_epoch", "BucketBatchSampler", "Remainder"]
+__all__ = ["EpochPlan", "plan_epoch", "epoch_report", "BucketBatchSampler", "Remainder"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,8 @@ class EpochPlan:
         dropped: samples left out this epoch (``drop``).
         carry: samples carried into the next epoch (``carry``), in order.
         padded: how many repeated samples fill the last batches (``pad``).
+        dropped_rank: for each dropped sample, the rank whose slice of the unfilled
+            global batch it would have been in (``-1`` when unknown).
     """
 
     batches: np.ndarray
@@ -50,6 +52,7 @@ class EpochPlan:
     dropped: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
     carry: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
     padded: int = 0
+    dropped_rank: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
 
     def __len__(self) -> int:
         return int(self.batches.shape[0])
@@ -104,16 +107,57 @@ def plan_epoch(
     rest = ~in_full
     leftover = order[rest]
     dropped = np.empty(0, dtype=np.int64)
+    dropped_rank = np.empty(0, dtype=np.int64)
     carry = np.empty(0, dtype=np.int64)
     padded = 0
     if remainder == "drop":
         dropped = leftover
+        # Position in the unfilled global batch -> the rank that slice would have gone to.
+        dropped_rank = (pos[rest] - np.repeat(full, sizes)[rest]) // batch_size
     elif remainder == "carry":
         carry = leftover
     elif leftover.size:
         main, main_bucket, padded = _pad(order, sorted_ids, starts, sizes, full, group, main, main_bucket)
     step_order = rng.permutation(len(main)) if shuffle else np.arange(len(main))
-    return EpochPlan(main[step_order], main_bucket[step_order], dropped, carry, padded)
+    return EpochPlan(main[step_order], main_bucket[step_order], dropped, carry, padded, dropped_rank)
+
+
+def epoch_report(
+    plan: EpochPlan,
+    epoch: int,
+    batch_size: int,
+    num_replicas: int,
+    names: Callable[[int], str] | None = None,
+) -> dict[str, Any]:
+    """What one epoch's plan does to the samples, for people (``buckets.json``).
+
+    Every rank reads the same plan, so one process can account for all of them: the
+    batches and samples of each rank, the samples left out (``drop``, each attributed to
+    the rank whose slice of the unfilled batch it would have been), repeated (``pad``)
+    and carried into the next epoch (``carry``). ``names(index)`` names a sample.
+    """
+    name = names or (lambda index: f"sample {index}")
+    ranks_of = plan.dropped_rank if len(plan.dropped_rank) == len(plan.dropped) else np.full(len(plan.dropped), -1)
+    steps = len(plan)
+    ranks = []
+    for rank in range(num_replicas):
+        mine = plan.dropped[ranks_of == rank]
+        ranks.append({"rank": rank, "batches": steps, "samples": steps * batch_size,
+                      "dropped": len(mine), "dropped_samples": [name(int(i)) for i in mine]})
+    unknown = plan.dropped[ranks_of < 0]
+    report: dict[str, Any] = {
+        "epoch": int(epoch),
+        "processes": int(num_replicas),
+        "batch_size": int(batch_size),
+        "steps": steps,
+        "dropped": int(len(plan.dropped)),
+        "padded": int(plan.padded),
+        "carried": int(len(plan.carry)),
+        "ranks": ranks,
+    }
+    if len(unknown):
+        report["dropped_samples"] = [name(int(i)) for i in unknown]
+    return report
 
 
 def _pad(
@@ -150,6 +194,7 @@ class BucketBatchSampler:
         planner: optional replacement of :func:`plan_epoch` (same keyword arguments).
         with_epoch: yield ``(index, epoch)`` pairs instead of indices, so per-sample
             randomness (crops, flips) in persistent DataLoader workers follows the epoch.
+        on_plan: optional ``fn(epoch, plan)``, called once for each epoch planned (reports).
 
     ``set_epoch(e)`` picks the epoch; ``set_start(k)`` skips the first ``k`` batches of
     the next iteration only (resume mid-epoch); ``state_dict``/``load_state_dict`` keep
@@ -169,6 +214,7 @@ class BucketBatchSampler:
         rebucket: Callable[[int], Any] | None = None,
         planner: Callable[..., EpochPlan] | None = None,
         with_epoch: bool = False,
+        on_plan: Callable[[int, EpochPlan], None] | None = None,
     ) -> None:
         if remainder not in _REMAINDERS:
             raise ValueError(f"bucketing.remainder={remainder!r}: use one of {_REMAINDERS}")
@@ -179,7 +225,7 @@ class BucketBatchSampler:
         self.batch_size, self.num_replicas, self.rank = batch_size, num_replicas, rank
         self.seed, self.shuffle, self.remainder = seed, shuffle, remainder
         self.rebucket, self.planner = rebucket, planner or plan_epoch
-        self.with_epoch = with_epoch
+        self.with_epoch, self.on_plan = with_epoch, on_plan
         self.bucket_ids = self._checked(bucket_ids)
         self.epoch = 0
         self.start = 0
@@ -248,11 +294,15 @@ class BucketBatchSampler:
             self._carry[self.epoch + 1] = plan.carry
             self._plan, self._plan_epoch = plan, self.epoch
             self._log(plan)
+            if self.on_plan is not None:
+                self.on_plan(self.epoch, plan)
         return self._plan
 
     def _log(self, plan: EpochPlan) -> None:
         if plan.dropped.size:
-            logger.info("bucketing: epoch %d drops %d samples that do not fill a batch", self.epoch, plan.dropped.size)
+            logger.warning("epoch %d drops %d samples that do not fill a batch of %d x %d processes "
+                           "(remainder=drop; pad or carry keep them)", self.epoch, plan.dropped.size,
+                           self.batch_size, self.num_replicas)
         if plan.carry.size:
             logger.info("bucketing: epoch %d carries %d samples to the next epoch", self.epoch, plan.carry.size)
         if plan.padded:
