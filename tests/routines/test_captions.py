@@ -176,7 +176,7 @@ def test_an_imagefolder_with_caption_files_trains(tiny_sd: Path, run_dir: Path, 
         Image.new("RGB", (32, 32), (60 * i, 20, 200 - 40 * i)).save(folder / f"{i}.png")
         (folder / f"{i}.txt").write_text(caption)
     engine = quiet_engine(run_dir, max_steps=2, lr=1e-3, eval_at_phase_end=False)
-    engine.use("dataset", path="imagefolder", data_dir=str(folder), batch_size=2, caption_column="caption")
+    engine.use("dataset", path="imagefolder", data_dir=str(folder), batch_size=2)  # captions: the .txt files
     routine = engine.use(DIFFUSION, name="diffusion", pipeline=str(tiny_sd), image_key="image", seed=0,
                          sample_at_phase_end=False, shuffle_caption=True)
     seen: list[str] = []
@@ -186,3 +186,83 @@ def test_an_imagefolder_with_caption_files_trains(tiny_sd: Path, run_dir: Path, 
     engine.run()
     assert len(losses) == 2 and all(np.isfinite(losses))
     assert sorted(seen) == sorted(CAPTIONS)
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from hookengine.testing.tiny_models import save_tiny_sdxl_pipeline
+
+    return save_tiny_sdxl_pipeline(tmp_path_factory.mktemp("models") / "tiny-sdxl")
+
+
+def sdxl_script_loss(folder: Path, batch: dict, rng_state: torch.Tensor) -> torch.Tensor:
+    """diffusers' examples/text_to_image/train_text_to_image_sdxl.py: encode_prompt,
+    compute_time_ids (target = the training resolution) and the epsilon loss."""
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    tokenizers = [CLIPTokenizer.from_pretrained(folder, subfolder=s) for s in ("tokenizer", "tokenizer_2")]
+    text_encoders = [CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"),
+                     CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2")]
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    noise_scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+    prompt_embeds_list = []
+    with torch.no_grad():
+        for tokenizer, text_encoder in zip(tokenizers, text_encoders):
+            text_input_ids = tokenizer(batch["caption"], padding="max_length", max_length=tokenizer.model_max_length,
+                                       truncation=True, return_tensors="pt").input_ids
+            prompt_embeds = text_encoder(text_input_ids, output_hidden_states=True, return_dict=False)
+            pooled_prompt_embeds = prompt_embeds[0]
+            prompt_embeds = prompt_embeds[-1][-2]
+            bs_embed, seq_len, _ = prompt_embeds.shape
+            prompt_embeds_list.append(prompt_embeds.view(bs_embed, seq_len, -1))
+    prompt_embeds = torch.concat(prompt_embeds_list, dim=-1)
+    pooled_prompt_embeds = pooled_prompt_embeds.view(bs_embed, -1)
+    torch.set_rng_state(rng_state)
+    model_input = vae.encode(batch["pixel_values"]).latent_dist.sample() * vae.config.scaling_factor
+    noise = torch.randn_like(model_input)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (model_input.shape[0],)).long()
+    noisy_model_input = noise_scheduler.add_noise(model_input, noise, timesteps)
+    resolution = batch["pixel_values"].shape[-1]
+
+    def compute_time_ids(original_size, crops_coords_top_left):
+        return torch.tensor([list(original_size + crops_coords_top_left + (resolution, resolution))]).float()
+
+    add_time_ids = torch.cat([compute_time_ids(tuple(s.tolist()), tuple(c.tolist()))
+                              for s, c in zip(batch["original_size_hw"], batch["crop_top_left"])])
+    added = {"time_ids": add_time_ids, "text_embeds": pooled_prompt_embeds}
+    model_pred = unet(noisy_model_input, timesteps, prompt_embeds, added_cond_kwargs=added, return_dict=False)[0]
+    return F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
+
+
+def test_sdxl_caption_loss_equals_the_diffusers_sdxl_script(tiny_sdxl: Path, run_dir: Path) -> None:
+    from hookengine import Engine
+
+    engine = Engine(seed=0, run_dir=run_dir)
+    routine = engine.use(DIFFUSION, name="diffusion", pipeline=str(tiny_sdxl), seed=None)
+    engine.fire("setup")
+    assert {"text_encoder", "text_encoder_2"} <= set(engine.state.models) and routine.tokenizer_2 is not None
+    batch = {**caption_batches(count=1, size=2)[0], "original_size_hw": torch.tensor([[40, 36], [32, 32]]),
+             "crop_top_left": torch.tensor([[4, 2], [0, 0]])}
+    state = torch.get_rng_state()
+    with torch.no_grad():
+        ours = engine.call("compute_loss", batch)
+        theirs = sdxl_script_loss(tiny_sdxl, batch, state)
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+        # The time ids are used: another crop gives another loss.
+        torch.set_rng_state(state)
+        moved = engine.call("compute_loss", {**batch, "crop_top_left": torch.tensor([[0, 0], [8, 8]])})
+    assert abs(float(moved) - float(ours)) > 1e-7
+    assert routine.text_encoders is not None and routine.text_encoders.dual
+
+
+def test_sdxl_trains_from_captions_and_samples_at_the_training_size(tiny_sdxl: Path, run_dir: Path) -> None:
+    batches = caption_batches(count=1, size=2, height=32, width=48)
+    engine, routine = caption_engine(tiny_sdxl, run_dir, batches, steps=1, caption_dropout=0.5,
+                                     sample_prompts=["a cat"], sample_steps=1, sample_options={"guidance_scale": 1.0})
+    losses = record_losses(engine)
+    engine.run()
+    assert len(losses) == 1 and np.isfinite(losses[0])
+    assert tuple(routine.sample().shape) == (1, 3, 32, 48)

@@ -176,3 +176,12 @@ def test_a_batch_of_raw_text_names_the_missing_key_and_the_plugin(tiny_lm: Path,
     with pytest.raises(KeyError, match=r"causal_lm: the batch has no 'input_ids' \(keys: text\); add the text plugin"):
         engine.call("compute_loss", {"text": ["hello"]})
     assert torch.is_tensor(engine.call("compute_loss", {"input_ids": torch.tensor([[1, 2, 3]])}))
+
+
+def test_data_without_token_ids_fails_at_setup_naming_the_text_plugin(tiny_lm: Path, run_dir: Path, tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "train.jsonl", [{"text": t} for t in TEXTS])
+    engine = quiet_engine(run_dir, max_steps=1)
+    engine.use(CAUSAL_LM, name="causal_lm", model=str(tiny_lm))
+    engine.use("dataset", path="json", data_files=str(data), batch_size=2)
+    with pytest.raises(ValueError, match=r"no 'input_ids' \(needed by causal_lm; add the text plugin"):
+        engine.run()

@@ -20,6 +20,10 @@ from .base import Routine, samples_path
 __all__ = ["CausalLM", "causal_lm_loss", "labels_from_inputs", "pack_sequences", "pad_sequences", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
+_TEXT_HINT = (
+    "add the text plugin (use: hookengine.data.text:TextData, with text.text_column, "
+    "text.prompt_column/response_column or text.messages_column) to tokenize the data set's text"
+)
 
 
 def labels_from_inputs(input_ids: Any, attention_mask: Any = None) -> Any:
@@ -112,6 +116,7 @@ class CausalLM(Routine):
         self.sample_at_phase_end = sample_at_phase_end
         self.max_new_tokens = max_new_tokens
         self.tokenizer: Any = None
+        self._keys_declared = False
         self._last_sampled: int | None = None
 
     def setup(self, engine: Any) -> None:
@@ -127,6 +132,10 @@ class CausalLM(Routine):
     def build(self, state: Any) -> None:
         """Load the model (once) and its tokenizer; called early in ``setup``."""
         self.device = self.engine.runtime.device
+        if not self._keys_declared and self.engine.has("required_keys"):
+            # With the dataset plugin: data without input_ids fails at setup, naming the fix.
+            self._keys_declared = True
+            self.engine.attach("required_keys", self._required_keys)
         if self.model_name not in state.models:
             if self.model_path is None:
                 raise ValueError(
@@ -150,14 +159,17 @@ class CausalLM(Routine):
 
         return AutoTokenizer.from_pretrained(path)
 
+    def _required_keys(self, next_impl: Any, split: str) -> dict[str, str]:
+        keys = dict(next_impl(split) or {})
+        keys.setdefault("input_ids", f"{getattr(self, 'plugin_name', self.name)}; {_TEXT_HINT}")
+        return keys
+
     # -------------------------------------------------------------------- loss
     def _inputs(self, batch: Any) -> tuple[Any, Any, Any]:
         if not hasattr(batch, "get") or batch.get("input_ids") is None:
             keys = ", ".join(map(str, batch.keys())) if hasattr(batch, "keys") else type(batch).__name__
             raise KeyError(
-                f"causal_lm: the batch has no 'input_ids' (keys: {keys}); add the text plugin "
-                "(use: hookengine.data.text:TextData, with text.text_column, text.prompt_column/response_column "
-                "or text.messages_column) to tokenize the data set's text"
+                f"causal_lm: the batch has no 'input_ids' (keys: {keys}); {_TEXT_HINT}"
             )
         input_ids = batch["input_ids"].to(self.device)
         attention_mask = batch.get("attention_mask")

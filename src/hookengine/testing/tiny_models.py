@@ -25,9 +25,11 @@ __all__ = [
     "build_tiny_gpt2_tokenizer",
     "build_tiny_mlp",
     "build_tiny_sd_pipeline",
+    "build_tiny_sdxl_pipeline",
     "save_tiny_causal_lm",
     "save_tiny_net",
     "save_tiny_sd_pipeline",
+    "save_tiny_sdxl_pipeline",
 ]
 
 
@@ -125,6 +127,65 @@ def save_tiny_sd_pipeline(folder: str | Path, seed: int = 0) -> Path:
     """Build the tiny Stable Diffusion pipeline and save it (safetensors) into ``folder``."""
     folder = Path(folder)
     build_tiny_sd_pipeline(seed).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def _tiny_clip_config(**extra: Any) -> Any:
+    from transformers import CLIPTextConfig
+
+    # The tokenizer's two special tokens (the defaults point outside this vocabulary).
+    return CLIPTextConfig(vocab_size=518, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                          num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+                          bos_token_id=516, eos_token_id=517, pad_token_id=517, **extra)
+
+
+def build_tiny_sdxl_pipeline(seed: int = 0) -> Any:
+    """A ``StableDiffusionXLPipeline``: two tiny CLIP encoders (the second with projection),
+    a tiny UNet with SDXL's ``text_time`` conditioning, the tiny VAE, DDPM."""
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,  # six time ids, then the pooled text (32)
+        cross_attention_dim=64,  # both encoders' hidden states side by side
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        layers_per_block=1,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=CLIPTextModel(_tiny_clip_config()),
+        text_encoder_2=CLIPTextModelWithProjection(_tiny_clip_config()),
+        tokenizer=build_tiny_clip_tokenizer(),
+        tokenizer_2=build_tiny_clip_tokenizer(),
+        unet=unet,
+        scheduler=DDPMScheduler(steps_offset=1, clip_sample=False),
+        add_watermarker=False,
+    )
+
+
+def save_tiny_sdxl_pipeline(folder: str | Path, seed: int = 0) -> Path:
+    """Build the tiny SDXL pipeline and save it (safetensors) into ``folder``."""
+    folder = Path(folder)
+    build_tiny_sdxl_pipeline(seed).save_pretrained(folder, safe_serialization=True)
     return folder
 
 
