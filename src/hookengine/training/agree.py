@@ -33,7 +33,13 @@ class Agreement:
 
         if not self._ready:
             # Created at the first call, which every rank reaches at the same point.
-            self._group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+            if dist.get_backend() == "gloo":
+                self._group = None
+            else:
+                from datetime import timedelta
+
+                timeout = timedelta(seconds=getattr(self.runtime, "timeout_s", 300.0))
+                self._group = dist.new_group(backend="gloo", timeout=timeout)
             self._ready = True
         flag = torch.tensor([value], dtype=torch.int64)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)

@@ -17,6 +17,7 @@ skipping cannot repair it.
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -42,8 +43,9 @@ def state_tensors(state: Any) -> Iterator[Any]:
 
     for model in state.models.values():
         if isinstance(model, torch.nn.Module):
-            for tensor in model.state_dict(keep_vars=True).values():
-                if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+            # parameters()/buffers(), not state_dict(): no state-dict hooks (FSDP would gather).
+            for tensor in itertools.chain(model.parameters(), model.buffers()):
+                if tensor.is_floating_point():
                     yield tensor
     for optimizer in state.optimizers.values():
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper

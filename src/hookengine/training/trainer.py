@@ -39,10 +39,13 @@ class TrainingLoop:
         finite_check_every: with ``stop``/``ignore``, read the losses kept on the device
             every N optimizer steps (0: only before checkpoints and at the end); there is no
             per-step host read. ``skip`` reads every loss (it must decide per batch).
-        stop_signals: signals that stop the run at the next step boundary with a checkpoint
-            (exit code 128 + signal number: 143 for SIGTERM, 130 for SIGINT); a second one
-            stops at once. Empty: leave the signals alone. Handlers are installed only when
-            the run is in the main thread, and the previous ones are restored at teardown.
+        stop_signals: signals that stop the run at the next step boundary: a checkpoint
+            (through ``save_checkpoint``), then ``StoppedBySignal``, a ``SystemExit`` with
+            code 128 + signal number (143 for SIGTERM, 130 for SIGINT). A second signal goes
+            to the previous handler at once (SIGINT: ``KeyboardInterrupt``; SIGTERM: the
+            process ends), without a checkpoint. A run that reaches its end first finishes
+            normally. Empty: leave the signals alone. Handlers are installed only when the
+            run is in the main thread, and the previous ones are restored at teardown.
         stop_check_every: in a multi-process run, agree on a received signal every N
             optimizer steps (one all-reduce of one integer over a gloo group, so no GPU
             synchronisation); every rank stops at the same step, at most N steps late.
@@ -219,7 +222,8 @@ class TrainingLoop:
                 engine.call("save_checkpoint")
             if self.finite_check_every and clock.step % self.finite_check_every == 0:
                 self.finite.check()
-            if self.signals is not None:
+            signals = self.signals
+            if signals is not None and (signals.received is not None or engine.runtime.distributed):
                 self._serve_signal()
 
     def _serve_signal(self) -> None:
