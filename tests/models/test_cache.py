@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -149,8 +150,13 @@ def test_prefetch_moves_the_next_model_in_another_thread(three) -> None:
     assert cache.stats["hits"] == hits + 1
 
 
-def test_concurrent_acquire_from_several_threads_is_safe(tmp_path: Path) -> None:
+@pytest.mark.parametrize("round_", range(3))
+def test_concurrent_acquire_from_several_threads_is_safe(tmp_path: Path, round_: int) -> None:
+    """Four threads, 25 acquires each over four models with room for two, all started at once:
+    every thread ends, every acquire is served and counted, outputs and weights stay exact,
+    the budget holds, and nothing stays held, pinned or reserved afterwards."""
     models = {name: build_tiny_mlp(WIDTH, 4, seed=i) for i, name in enumerate("abcd")}
+    before = {name: _snapshot(m) for name, m in models.items()}
     x = torch.randn(2, WIDTH)
     expected = {name: m(x).detach() for name, m in models.items()}
     cache = ModelCache(budgets={"cpu": 2 * MODEL}, offload_dir=str(tmp_path), wait_timeout=30)
@@ -160,25 +166,39 @@ def test_concurrent_acquire_from_several_threads_is_safe(tmp_path: Path) -> None
     over: list[int] = []
     cache.subscribe(lambda event, **p: over.append(cache.resident_bytes("cpu")) if cache.resident_bytes("cpu") > budget else None)
     errors: list[BaseException] = []
+    served = [0] * 4
+    start = threading.Barrier(4, timeout=10)
 
-    def worker(seed: int) -> None:
-        rng = random.Random(seed)
+    def worker(i: int) -> None:
+        rng = random.Random(100 * round_ + i)
         try:
+            start.wait()  # all four ask at once: the most contention
             for _ in range(25):
                 name = rng.choice("abcd")
                 with cache.acquire(name) as model:
                     assert torch.equal(model(x), expected[name])
+                served[i] += 1
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(4)]
     for t in threads:
         t.start()
+    deadline = time.monotonic() + 60  # one limit for all: a deadlock fails in a minute, never hangs
     for t in threads:
-        t.join(timeout=60)
+        t.join(timeout=max(0.0, deadline - time.monotonic()))
+    assert not [t.name for t in threads if t.is_alive()], "threads stuck after 60 s (deadlock)"
     assert not errors, errors
+    assert served == [25] * 4
     assert not over
-    assert cache.stats["hits"] + cache.stats["misses"] == 100
+    stats = cache.stats
+    assert stats["hits"] + stats["misses"] == 100 and stats["loads"] <= stats["misses"]
+    for name in "abcd":  # raises if any model were still held or pinned
+        cache.offload(name, "disk")
+    assert cache.resident_bytes("cpu") == 0  # every reservation was given back
+    for name in "abcd":
+        with cache.acquire(name) as model:
+            assert _same(model, before[name])
     cache.close()
 
 

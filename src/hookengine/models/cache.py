@@ -414,12 +414,15 @@ class ModelCache:
         try:
             yield entry.model
         finally:
-            with self._lock:
-                entry.holders[me] -= 1
-                if entry.holders[me] <= 0:
-                    del entry.holders[me]
-                entry.last_used = next(self._clock)
-                self._changed.notify_all()
+            self._release(entry, me)
+
+    def _release(self, entry: _Entry, me: int) -> None:
+        with self._lock:
+            entry.holders[me] -= 1
+            if entry.holders[me] <= 0:
+                del entry.holders[me]
+            entry.last_used = next(self._clock)
+            self._changed.notify_all()
 
     def prefetch(self, name: str, device: str | None = None) -> Future:
         """Move ``name`` to ``device`` in a background thread; returns a Future of the model."""
@@ -461,12 +464,12 @@ class ModelCache:
                             self.stats["hits"] += 1
                             self._ready(entry, hold, me)
                             return
-                        if not set(entry.holders) - {me}:
-                            if me in entry.holders:  # moving it would pull it from under this thread
-                                raise CacheError(
-                                    f"model {entry.name!r} is in use on {entry.tier} by this thread; "
-                                    f"release it before acquiring it on {device}"
-                                )
+                        if me in entry.holders:  # moving it would pull it from under this thread
+                            raise CacheError(
+                                f"model {entry.name!r} is in use on {entry.tier} by this thread; "
+                                f"release it before acquiring it on {device}"
+                            )
+                        if not entry.holders:
                             break  # this thread loads it
                     # Another thread moves it, or uses it on another device: wait, pinned.
                     if not pinned:
@@ -496,7 +499,12 @@ class ModelCache:
                 entry.moving, entry.loader = False, None
                 self._changed.notify_all()
         if loaded is not None:
-            self._emit("loaded", **loaded)
+            try:
+                self._emit("loaded", **loaded)
+            except BaseException:
+                if hold:  # the caller never gets the model, so it cannot release it
+                    self._release(entry, me)
+                raise
 
     def _ready(self, entry: _Entry, hold: bool, me: int) -> None:
         """``entry`` is on its device: count this thread as a holder (lock held)."""
