@@ -33,6 +33,7 @@ from typing import Any, Callable, TypeVar
 
 __all__ = [
     "PluginError",
+    "MissingModuleError",
     "resolve",
     "resolve_with_kind",
     "check_reference",
@@ -58,6 +59,14 @@ DEFAULT_PLUGINS: tuple[str, ...] = ("train_sched", "trainer", "checkpoint", "log
 
 class PluginError(ValueError):
     """A plugin could not be found, its options are wrong, or its setup failed."""
+
+
+class MissingModuleError(PluginError):
+    """The module of a ``module:attr`` reference is not importable (``module``, ``reference``, ``where``)."""
+
+    def __init__(self, message: str, module: str, reference: str, where: str) -> None:
+        super().__init__(message)
+        self.module, self.reference, self.where = module, reference, where
 
 
 def available() -> dict[str, str]:
@@ -122,11 +131,13 @@ def resolve_with_kind(reference: Any, kind: str = "any", where: str = "") -> tup
         if exc.name and module_name.startswith(exc.name):
             if kind in ("plugin", "any"):
                 hint = closest(reference, installed)
-                raise PluginError(
+                message = (
                     f"{prefix}unknown plugin {reference!r}{hint}: no installed entry point of that name and no "
                     f"module {module_name!r} ({_looked_in()}); installed plugins: {sorted(installed)}"
-                ) from None
-            raise PluginError(f"{prefix}no module {module_name!r} for {reference!r} ({_looked_in()})") from None
+                )
+            else:
+                message = f"{prefix}no module {module_name!r} for {reference!r} ({_looked_in()})"
+            raise MissingModuleError(message, module_name, reference, where) from None
         raise
     if not attr:
         check_reference(module, kind, reference, where)
