@@ -9,4 +9,5 @@ PYTHON="${PYTHON:-python3}"
 .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -m pip install -q -c constraints.txt torch 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -m pip install -q -c constraints.txt -e ".[all,test]" 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -c "import hookengine, torch; print('hookengine', hookengine.__version__, 'torch', torch.__version__)"
+# tensorboard comes with the "track" extra (in "all"): the tracker tests read its event files back.
+.venv/bin/python -c "import hookengine, torch, tensorboard; print('hookengine', hookengine.__version__, 'torch', torch.__version__, 'tensorboard', tensorboard.__version__)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +107,7 @@ def test_keras_callbacks_are_called_in_order(run_dir: Path) -> None:
     assert recorder.params["epochs"] == 2 and recorder.params["steps"] == 2
 
 
-def test_early_stopping_callback_stops_the_run(run_dir: Path) -> None:
+def test_early_stopping_callback_stops_the_run(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = batches(count=2)
     engine = quiet_engine(run_dir, epochs=6, eval_every=2)
     use_keras(engine, data)
@@ -115,7 +116,61 @@ def test_early_stopping_callback_stops_the_run(run_dir: Path) -> None:
                callbacks=[{"callback": "keras.callbacks:EarlyStopping", "monitor": "val_loss", "min_delta": 100.0, "patience": 1}])
     engine.run()
     assert engine.state.clock.epoch == 2
-    assert engine.state.control.stop_requested == "a Keras callback set model.stop_training"
+    reason = engine.state.control.stop_requested
+    assert reason.startswith("Keras callback EarlyStopping set model.stop_training after epoch 1 (val_loss did not improve for 1 epoch(s); best ")
+    assert f"stopped early: {reason}" in capsys.readouterr().out  # the end-of-run summary says why
+
+
+def hand_loop_epoch_accuracy(data: list, epochs: int) -> list[float]:
+    """The hand-written loop of the first test, with Keras' own accuracy metric reset at each
+    epoch start and updated with each training batch's predictions (as Keras' fit does)."""
+    keras.utils.set_random_seed(0)
+    model = small_classifier()
+    model.compile(loss=keras.losses.get(LOSS))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    metric = keras.metrics.SparseCategoricalAccuracy()
+    at_epoch_end = []
+    for _ in range(epochs):
+        metric.reset_state()
+        for x, y in data:
+            y_pred = model(x, training=True)
+            model.compute_loss(x=x, y=y, y_pred=y_pred, training=True).backward()
+            metric.update_state(y, y_pred.detach())
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        at_epoch_end.append(float(metric.result()))
+    return at_epoch_end
+
+
+def test_compiled_metrics_as_keras_fit_and_evaluate_compute_them(run_dir: Path) -> None:
+    data, val = batches(), batches(count=3, size=10)
+    engine = quiet_engine(run_dir, epochs=3, lr=1e-2, eval_every=2)  # evaluations inside epochs too
+    engine.use(KERAS, name="keras", model=f"{__name__}:small_classifier", loss=LOSS, seed=0, metrics=["accuracy"])
+    engine.on("setup", lambda state: state.dataloaders.update(train=data, val=val))
+    at_epoch_end: list[float] = []
+    engine.on("epoch_end", lambda state: at_epoch_end.append(state.metric("accuracy")))
+    evaluations: list[dict] = []
+    engine.on("evaluate_end", lambda metrics: evaluations.append(dict(metrics)))
+    engine.run()
+
+    # Training: running means over each epoch, not disturbed by the evaluations in between.
+    assert at_epoch_end == pytest.approx(hand_loop_epoch_accuracy(data, 3), abs=1e-7)
+    # Evaluation: Keras' own evaluate on the same weights and data.
+    model = engine.state.models["model"]
+    x, y = torch.cat([b[0] for b in val]), torch.cat([b[1] for b in val])
+    reference = model.evaluate(x, y, batch_size=10, verbose=0, return_dict=True)
+    assert evaluations[-1]["val_accuracy"] == pytest.approx(reference["accuracy"], abs=1e-7)
+    assert evaluations[-1]["val_loss"] == pytest.approx(reference["loss"], rel=1e-5)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all("accuracy" in r for r in records if r["kind"] == "train")
+    assert all("val_accuracy" in r for r in records if r["kind"] == "eval") and len(evaluations) == 7
+
+
+def test_metrics_option_and_compile_options_metrics_are_exclusive() -> None:
+    from hookengine.routines.keras import KerasRoutine
+
+    with pytest.raises(ValueError, match="give the metrics once"):
+        KerasRoutine(model="x:y", metrics=["accuracy"], compile_options={"metrics": ["mae"]})
 
 
 def test_uncompiled_model_without_loss_is_a_clear_error(run_dir: Path) -> None:

@@ -12,7 +12,8 @@ class ProgressBar:
 
     Args:
         enabled: show the bar at all.
-        refresh_every: update the loss shown every N steps (the bar itself is cheap).
+        refresh_every: update the loss and learning rate shown every N steps (reading the
+            loss is a host sync on a GPU; advancing the bar reads nothing).
     """
 
     name = "progress"
@@ -46,9 +47,15 @@ class ProgressBar:
     def _describe(self, state: Any) -> None:
         if self.bar is None:
             return
+        # The only tensor read (a host sync on a GPU), every refresh_every steps, never per step.
         shown = {"phase": state.clock.phase}
         if "loss" in state.metrics:
             shown["loss"] = f"{state.metric('loss'):.4g}"
+        for name, optimizer in state.optimizers.items():
+            groups = getattr(optimizer, "param_groups", None)
+            if groups:
+                key = "lr" if len(state.optimizers) == 1 else f"lr/{name}"
+                shown[key] = f"{float(groups[0]['lr']):.3g}"
         self.bar.set_postfix(shown, refresh=False)
 
     def _close(self, state: Any) -> None:
