@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,54 @@ def test_recipe_trackers_get_the_recipe_as_hyperparameters(tmp_path: Path) -> No
     assert stored["train_sched.lr"] == 0.01 and stored["plugins.supervised.loss"] == "mse_loss"
 
 
+SEEN: list[tuple[str, Any]] = []  # what the tracker below was given
+
+
+def _list_tracker_class() -> type:
+    """A tracker of one's own: an accelerate GeneralTracker that keeps what it is given."""
+    from accelerate.tracking import GeneralTracker
+
+    class Listing(GeneralTracker):
+        name = "listing"
+        requires_logging_directory = False
+
+        def __init__(self, run_name: str, tag: str = "") -> None:
+            super().__init__()
+            self.run_name, self.tag = run_name, tag
+
+        @property
+        def tracker(self) -> Any:
+            return SEEN
+
+        def store_init_configuration(self, values: dict) -> None:
+            SEEN.append(("config", values))
+
+        def log(self, values: dict, step: int | None = None, **kwargs: Any) -> None:
+            SEEN.append((f"{self.tag}{self.run_name}@{step}", values.get("loss", values.get("val_loss"))))
+
+        def finish(self) -> None:
+            SEEN.append(("finish", None))
+
+    return Listing
+
+
+def test_a_tracker_class_of_ones_own_and_all(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("tensorboard")
+    import types
+
+    module = types.ModuleType("watching_trackers")
+    module.Listing = _list_tracker_class()  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "watching_trackers", module)
+    SEEN.clear()
+    engine = toy_engine(run_dir, {"every": 2, "log_with": ["all", "watching_trackers:Listing"],
+                                  "tracker_options": {"watching_trackers:Listing": {"tag": "t:"}}}, max_steps=4)
+    engine.run()
+    written = [(f"t:run@{r['step']}", r.get("loss", r.get("val_loss"))) for r in records(run_dir)]
+    assert SEEN[0][0] == "config" and SEEN[-1] == ("finish", None)
+    assert SEEN[1:-1] == written and len(written) == 3  # steps 2 and 4, and the phase-end evaluation
+    assert list((run_dir / "trackers" / "run").glob("events.out.tfevents.*"))  # "all": tensorboard is installed
+
+
 def test_unknown_or_missing_tracker_is_one_clear_line(run_dir: Path) -> None:
     from hookengine.recipe import RecipeError
 
@@ -97,7 +146,7 @@ def test_unknown_or_missing_tracker_is_one_clear_line(run_dir: Path) -> None:
     if missing is None:
         pytest.skip("wandb, mlflow and aim are all installed")
     with pytest.raises(RecipeError) as error:
-        Engine().run({"logging": {"log_with": ["tensorboard", missing]}})
+        Engine().run({"run_dir": str(run_dir), "logging": {"log_with": ["tensorboard", missing]}})
     message = str(error.value)
     assert "\n" not in message and f"tracker {missing!r} needs the package {missing!r}" in message
     assert message.startswith("logging: logging.log_with:")

@@ -31,8 +31,8 @@ class MetricsLogger:
             N optimizer steps (default: every 10 logs; 0: only when the run ends).
         log_with: experiment trackers, by accelerate's names (``tensorboard``, ``wandb``,
             ``mlflow``, ``comet_ml``, ``aim``, ``clearml``, ``dvclive``, ``swanlab``,
-            ``trackio``) or ``module:attr`` of an ``accelerate.tracking.GeneralTracker``
-            class; one name or a list. They get every record of ``metrics.jsonl`` and the
+            ``trackio``), ``all`` (those installed) or ``module:attr`` of an
+            ``accelerate.tracking.GeneralTracker`` class; one name or a list. They get every record of ``metrics.jsonl`` and the
             recipe (or the plan) as hyperparameters.
         project: the trackers' project / run name (default: the recipe's name, else the
             run folder's name).
@@ -72,7 +72,7 @@ class MetricsLogger:
 
             check_trackers(self.log_with)  # a missing package fails now, not after setup
         unknown = sorted(set(tracker_options or {}) - set(self.log_with))
-        if unknown:
+        if unknown and "all" not in self.log_with:
             raise ValueError(f"logging.tracker_options: {unknown} are not in logging.log_with {self.log_with}")
         self.project = project
         self.tracker_dir = tracker_dir

@@ -34,15 +34,16 @@ def check_trackers(names: list[str], where: str = "logging.log_with") -> None:
     """Fail with one line for an unknown tracker name or a tracker whose package is missing.
 
     A name is one of accelerate's trackers (``tensorboard``, ``wandb``, ``mlflow``,
-    ``comet_ml``, ``aim``, ``clearml``, ``dvclive``, ``swanlab``, ``trackio``) or a
-    ``module:attr`` reference to an ``accelerate.tracking.GeneralTracker`` subclass.
+    ``comet_ml``, ``aim``, ``clearml``, ``dvclive``, ``swanlab``, ``trackio``), ``all``
+    (every one whose package is installed) or a ``module:attr`` reference to an
+    ``accelerate.tracking.GeneralTracker`` subclass.
     """
     from ..core.plugins import closest
 
     classes, available = _registry()
     for name in names:
-        if ":" in name:
-            continue  # a custom tracker class, resolved when the run starts
+        if ":" in name or name == "all":
+            continue  # a custom tracker class, resolved when the run starts; or what is installed
         if name not in classes:
             raise TrackerError(f"{where}: unknown tracker {name!r}{closest(name, sorted(classes))}; "
                                f"accelerate knows {sorted(classes)} (or give a module:attr GeneralTracker class)")
@@ -65,8 +66,10 @@ def start_trackers(
 
     from ..core.plugins import resolve
 
-    classes, _ = _registry()
+    classes, available = _registry()
     options = options or {}
+    if "all" in names:
+        names = [n for n in names if n != "all"] + sorted(available - set(names))
     trackers = []
     for name in names:
         cls = resolve(name) if ":" in name else classes[name]
