@@ -32,7 +32,9 @@ from .safety import ModelLoadError, UnsafeFileError, check_file, check_folder
 
 __all__ = ["ModelSpec", "ModelLoader", "ModelLoadError", "UnsafeFileError", "load_model", "detect_kind", "resolve_class"]
 
-KINDS = ("pipeline", "diffusers", "transformers", "tokenizer", "class", "single_file")
+KINDS = ("pipeline", "diffusers", "transformers", "tokenizer", "class", "single_file", "torch")
+# A plain torch module exported by hookengine (training/export.py): its class and options.
+TORCH_SPEC = "hookengine_model.json"
 
 # Repo ids are "name" or "owner/name"; anything else that does not exist is a missing path.
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -55,7 +57,7 @@ class ModelSpec:
     """What to load. Mutable on purpose: ``model_load_start`` listeners may change it.
 
     ``source`` is a local folder, a local file, or a hub repo id (with ``revision``).
-    ``kind`` (one of ``pipeline, diffusers, transformers, tokenizer, class, single_file``)
+    ``kind`` (one of ``pipeline, diffusers, transformers, tokenizer, class, single_file, torch``)
     is worked out from the files when not given; ``cls`` (a class, ``"module:Class"`` or a
     transformers/diffusers class name) implies ``kind="class"`` for folders.
     ``components`` overrides pipeline components: name -> object, spec mapping or source.
@@ -204,6 +206,8 @@ def detect_kind(folder: Path, spec: ModelSpec) -> str:
             f"model {spec.display_name!r}: {str(folder)!r} is a single file; say which class reads it, "
             "e.g. cls='diffusers:StableDiffusionPipeline' or cls='diffusers:AutoencoderKL' (with options.config)"
         )
+    if (folder / TORCH_SPEC).is_file():
+        return "torch"
     if (folder / "model_index.json").is_file():
         return "pipeline"
     if (folder / "scheduler_config.json").is_file():
@@ -386,6 +390,7 @@ class ModelLoader:
             raise
         except Exception as exc:
             raise ModelLoadError(f"model {name!r}: loading {kind} from {str(target)!r} failed: {type(exc).__name__}: {exc}") from exc
+        _remember_source(model, spec, target)
         model = self._place(model, spec)
         if spec.register:
             self.loaded[name] = model
@@ -410,6 +415,8 @@ class ModelLoader:
             return self._load_pipeline(root, target, spec)
         if kind == "single_file":
             return self._load_single_file(target, spec)
+        if kind == "torch":
+            return self._load_torch(target, spec)
         if kind == "tokenizer":
             from transformers import AutoTokenizer
 
@@ -454,6 +461,25 @@ class ModelLoader:
         if is_module and not known_library and spec.dtype is not None:
             model = model.to(_torch_dtype(spec.dtype))  # unknown classes: cast after loading
         return model
+
+    def _load_torch(self, target: Path, spec: ModelSpec) -> Any:
+        """A plain torch module: ``hookengine_model.json`` names the class (``module:Class``)
+        and its options; the weights are safetensors, loaded strictly."""
+        from safetensors.torch import load_file
+
+        meta = _read_json(target / TORCH_SPEC)
+        if "class" not in meta:
+            raise ModelLoadError(f"model {spec.display_name!r}: {target / TORCH_SPEC} names no 'class'")
+        cls = resolve_class(spec.cls if spec.cls is not None else meta["class"])
+        model = cls(**{**meta.get("options", {}), **spec.options})
+        weights = target / meta.get("weights", "model.safetensors")
+        if not weights.is_file():
+            raise ModelLoadError(f"model {spec.display_name!r}: {weights} is missing")
+        try:
+            model.load_state_dict(load_file(str(weights)))
+        except RuntimeError as exc:
+            raise ModelLoadError(f"model {spec.display_name!r}: {weights} does not fit {meta['class']}: {str(exc).splitlines()[0]}") from exc
+        return model.to(_torch_dtype(spec.dtype)) if spec.dtype is not None else model
 
     def _load_single_file(self, target: Path, spec: ModelSpec) -> Any:
         cls = resolve_class(spec.cls)
@@ -541,6 +567,25 @@ class ModelLoader:
 
 
 _NO_OVERRIDE = object()
+
+
+def _remember_source(model: Any, spec: ModelSpec, target: Path) -> None:
+    """Tag a loaded model (and a pipeline's modules) with where it came from.
+
+    ``hookengine_source`` is what lean checkpoints name as the frozen base and what
+    exported adapters give as ``base_model_name_or_path``: the local folder, or the hub id.
+    """
+    local = _is_local(spec.source) or Path(str(spec.source)).exists()
+    source = str(target.resolve()) if local else str(spec.source)
+    parts = [(model, source)]
+    for name, component in (getattr(model, "components", None) or {}).items():
+        parts.append((component, str(target.resolve() / name) if local else source))
+    for obj, where in parts:
+        if hasattr(obj, "parameters") and not isinstance(obj, type):
+            try:
+                object.__setattr__(obj, "hookengine_source", where)
+            except (AttributeError, TypeError):  # objects with __slots__
+                pass
 
 
 def load_model(spec: Any, **fields_: Any) -> Any:

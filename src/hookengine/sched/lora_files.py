@@ -31,6 +31,9 @@ __all__ = [
     "from_kohya",
     "save_lora",
     "load_lora",
+    "task_type_of",
+    "base_model_path",
+    "copy_tokenizer",
 ]
 
 # What kohya's scripts, ComfyUI and A1111 call the parts of a Stable Diffusion model.
@@ -217,14 +220,73 @@ def save_lora(
     return written
 
 
+# transformers' tables of head classes -> PEFT task types (AutoPeftModel* picks its class from it).
+_TASK_TABLES = (
+    ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "CAUSAL_LM"),
+    ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "SEQ_2_SEQ_LM"),
+    ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "SEQ_CLS"),
+    ("MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", "TOKEN_CLS"),
+    ("MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES", "QUESTION_ANS"),
+)
+# What a tokenizer folder may hold; copied next to an adapter so the folder is self-contained.
+_TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "vocab.txt", "merges.txt", "spiece.model", "tokenizer.model", "sentencepiece.bpe.model", "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def task_type_of(model: Any) -> str | None:
+    """PEFT's ``task_type`` for a transformers model (``CAUSAL_LM``...), from its class name."""
+    model = _groups.unwrap(model)
+    if not type(model).__module__.startswith("transformers"):
+        return None
+    from transformers.models.auto import modeling_auto
+
+    name = type(model).__name__
+    for table, task in _TASK_TABLES:
+        for value in getattr(modeling_auto, table, {}).values():
+            if name in (value if isinstance(value, (tuple, list)) else (value,)):
+                return task
+    return "FEATURE_EXTRACTION"
+
+
+def base_model_path(model: Any) -> str | None:
+    """The base model's folder or hub id: the model loader's spec, else ``name_or_path``."""
+    from ..core.model_state import model_source
+
+    return model_source(_groups.unwrap(model))
+
+
+def copy_tokenizer(source: str | Path | None, target: Path) -> bool:
+    """Copy the tokenizer files of folder ``source`` (if it has a tokenizer) into ``target``."""
+    import shutil
+
+    if source is None or not Path(source).is_dir() or not (Path(source) / "tokenizer_config.json").is_file():
+        return False
+    target.mkdir(parents=True, exist_ok=True)
+    for name in _TOKENIZER_FILES:
+        if (Path(source) / name).is_file():
+            shutil.copyfile(Path(source) / name, target / name)
+    return True
+
+
 def _save_peft(parts: Mapping[str, Any], adapter: str, folder: Path) -> Path:
     for component, model in parts.items():
         target = folder / component
         target.mkdir(parents=True, exist_ok=True)
-        config = _groups.unwrap(model).peft_config[adapter]
+        config = _json_safe(_groups.unwrap(model).peft_config[adapter])
+        # AutoPeftModel* needs both to rebuild the base (PEFT leaves them None when injecting).
+        base = base_model_path(model)
+        if not config.get("base_model_name_or_path") and base:
+            config["base_model_name_or_path"] = base
+        if not config.get("task_type"):
+            config["task_type"] = task_type_of(model)
         weights = {_PEFT_PREFIX + k: v for k, v in adapter_state_dict(model, adapter).items()}
         _save_safetensors(weights, target / PEFT_WEIGHT_NAME)
-        (target / PEFT_CONFIG_NAME).write_text(json.dumps(_json_safe(config), indent=2, sort_keys=True))
+        (target / PEFT_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+        if task_type_of(model) is not None:
+            copy_tokenizer(base, target)
     return folder
 
 
