@@ -180,3 +180,14 @@ def test_a_required_key_made_by_a_transform_is_found(tmp_path: Path) -> None:
 
     engine.fire("setup")
     assert "pixel_values" in next(iter(engine.state.dataloaders["train"]))
+
+
+def test_the_supervised_routine_missing_its_label_fails_at_setup(tmp_path: Path) -> None:
+    """Today's trap: KeyError 'label' at the first step; now one line at setup."""
+    folder = tmp_path / "imgs"
+    write_images(folder, [(8, 8)] * 4, captions=False)  # no class folders: no 'label' column
+    engine = Engine(seed=0)
+    engine.use("dataset", path="imagefolder", data_dir=str(folder), batch_size=2)
+    engine.use("supervised", model="torch.nn:Flatten", inputs="image", targets="label")
+    with pytest.raises(ValueError, match=r"no 'label' \(needed by plugins\.supervised\.targets\).*columns are \['image'\]"):
+        engine.fire("setup")

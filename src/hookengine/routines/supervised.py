@@ -50,6 +50,12 @@ class Supervised(Routine):
         self.factory = resolve(self.model_ref, "model", f"{where}.model")
         self.loss_target = resolve(self.loss_ref, "loss", f"{where}.loss") if ":" in self.loss_ref else None
         super().setup(engine)
+        # The batch keys read, declared so the dataset checks them at setup (not a KeyError at step 1).
+        keys = {key: f"{where}.{role}" for role, key in (("inputs", self.inputs), ("targets", self.targets))
+                if isinstance(key, str)}
+        if keys:
+            engine.declare("required_keys", kind="slot", payload=("split",))
+            engine.attach("required_keys", lambda next_impl, split: {**next_impl(split), **keys})
 
     def build(self, state: Any) -> None:
         import torch
