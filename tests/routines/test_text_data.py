@@ -15,7 +15,7 @@ from hookengine.data.text import IGNORE_INDEX, TextData, chat_labels
 from .conftest import quiet_engine, record_losses
 
 CAUSAL_LM = "hookengine.routines.causal_lm:CausalLM"
-TEXT = "hookengine.data.text:TextData"
+TEXT = "text"  # the entry point (hookengine.data.text:TextData)
 TEXTS = ["the cat sat on the mat", "a dog", "hello world, hello hooks", "one two three four five", "abc", "xyz uvw"]
 PAIRS = [{"prompt": "Q: 2+2? A:", "response": " 4"}, {"prompt": "Q: hi? A:", "response": " hello there"},
          {"prompt": "Say abc:", "response": " abc"}]
@@ -185,3 +185,31 @@ def test_data_without_token_ids_fails_at_setup_naming_the_text_plugin(tiny_lm: P
     engine.use("dataset", path="json", data_files=str(data), batch_size=2)
     with pytest.raises(ValueError, match=r"no 'input_ids' \(needed by causal_lm; add the text plugin"):
         engine.run()
+
+
+def test_a_recipe_trains_on_packed_chats_with_no_user_python(tiny_lm: Path, run_dir: Path, tmp_path: Path) -> None:
+    from hookengine import Engine
+
+    model = tmp_path / "chat-lm"
+    tokenizer = tokenizer_of(tiny_lm, TEMPLATE)
+    tokenizer.save_pretrained(model)  # the chat template travels with the tokenizer
+    for name in ("config.json", "model.safetensors", "generation_config.json"):
+        if (tiny_lm / name).exists():
+            (model / name).write_bytes((tiny_lm / name).read_bytes())
+    data = write_jsonl(tmp_path / "chats.jsonl", [{"messages": chat} for chat in CHATS * 4])
+    recipe = {
+        "name": "chat", "seed": 0, "run_dir": str(run_dir),
+        "plugins": {
+            "dataset": {"use": "dataset", "path": "json", "data_files": str(data), "batch_size": 2},
+            "text": {"use": "text", "block_size": 16},
+            "causal_lm": {"use": "causal_lm", "model": str(model)},
+        },
+        "trainer": {"max_steps": 2}, "progress": {"enabled": False}, "logging": {"every": 1},
+    }
+    engine = Engine()
+    batches: list[dict] = []
+    engine.on("batch_start", lambda batch: batches.append(batch))
+    engine.run(recipe)
+    assert len(batches) == 2 and batches[0]["input_ids"].shape == (2, 16)
+    labels = batches[0]["labels"]
+    assert (labels == IGNORE_INDEX).any() and (labels != IGNORE_INDEX).any()  # user turns masked, answers learnt

@@ -21,7 +21,7 @@ __all__ = ["CausalLM", "causal_lm_loss", "labels_from_inputs", "pack_sequences",
 
 IGNORE_INDEX = -100
 _TEXT_HINT = (
-    "add the text plugin (use: hookengine.data.text:TextData, with text.text_column, "
+    "add the text plugin (use: text, with text.text_column, "
     "text.prompt_column/response_column or text.messages_column) to tokenize the data set's text"
 )
 
