@@ -38,6 +38,7 @@ USER_ERROR_TYPES: tuple[str, ...] = (
     "hookengine.models.cache:CacheError",  # a latent/feature cache that does not fit or match
     "hookengine.data.images:BadSampleError",  # a sample that cannot be decoded
     "hookengine.data.buckets:BucketError",  # images that fit no bucket
+    "hookengine.training.export:ExportError",  # a run that cannot be exported as asked
 )
 # Option checks of the libraries raise these (torch: "Invalid learning rate: nan",
 # accelerate: "Unknown mixed_precision mode"; a batch without the key a routine reads).

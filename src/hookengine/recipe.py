@@ -133,7 +133,24 @@ def _children(node: yaml.Node) -> list[yaml.Node]:
     return []
 
 
+_QUOTED_OR_COMMENT = re.compile(r'"(?:[^"\\\n]|\\.)*"|\'[^\'\n]*\'|(?:^|\s)#[^\n]*')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+
+
+def _check_flow_depth(text: str) -> None:
+    """Refuse deeply nested ``[[[...`` before PyYAML scans it (its scanner is quadratic in
+    the number of open flow collections)."""
+    brackets = _NOT_BRACKET.sub("", _QUOTED_OR_COMMENT.sub("", text))
+    depth = deepest = 0
+    for char in brackets:
+        depth = depth + 1 if char in "[{" else max(depth - 1, 0)
+        deepest = max(deepest, depth)
+        if deepest > MAX_YAML_DEPTH:
+            raise _YamlLimit(f"nested deeper than {MAX_YAML_DEPTH} levels; the limit is MAX_YAML_DEPTH")
+
+
 def _yaml(text: str) -> Any:
+    _check_flow_depth(text)
     loader = _Loader(text)
     try:
         node = loader.get_single_node()
@@ -374,6 +391,8 @@ def make_importable(recipe: Recipe) -> None:
 
 def _missing(exc: MissingModuleError, recipe: Recipe) -> RecipeError:
     """Say where the module was looked for and how to make it found."""
+    if ":" not in exc.reference:  # a bare name: most likely a misspelt entry point
+        return RecipeError(str(exc))
     folders = [str(f) for f in recipe.folders] or ["(none: the recipe is not a file)"]
     head = [p or "." for p in sys.path[:3]]
     where = f"{exc.where}: " if exc.where else ""
