@@ -191,3 +191,41 @@ def test_the_supervised_routine_missing_its_label_fails_at_setup(tmp_path: Path)
     engine.use("supervised", model="torch.nn:Flatten", inputs="image", targets="label")
     with pytest.raises(ValueError, match=r"no 'label' \(needed by plugins\.supervised\.targets\).*columns are \['image'\]"):
         engine.fire("setup")
+
+
+def test_a_csv_with_a_caption_that_is_not_utf8_skips_that_row(tmp_path: Path) -> None:
+    folder = tmp_path / "imgs"
+    rows = write_images(folder, [(8, 8)] * 3, captions=False)
+    lines = [b"image,text"] + [f"{folder / r['file_name']},caption {i}".encode() for i, r in enumerate(rows)]
+    lines[2] = f"{folder / rows[1]['file_name']},".encode() + b"caf\xe9 in latin-1"
+    (tmp_path / "d.csv").write_bytes(b"\n".join(lines) + b"\n")
+    engine = Engine(seed=0)
+    data = engine.use("dataset", path="csv", data_files=str(tmp_path / "d.csv"), batch_size=3, shuffle=False)
+    batches = _run(engine)
+    assert [(Path(s["name"]).name, s["reason"]) for s in data.skipped] == [(rows[1]["file_name"], "invalid UTF-8 caption")]
+    assert batches[0]["caption"] == ["caption 0", "caption 2"]
+
+
+def test_a_json_row_that_is_not_utf8_is_skipped(tmp_path: Path) -> None:
+    """pyarrow keeps the bytes; reading the row raised UnicodeDecodeError at that step before."""
+    folder = tmp_path / "imgs"
+    rows = write_images(folder, [(8, 8)] * 3, captions=False)
+    with open(tmp_path / "d.jsonl", "wb") as handle:
+        for i, row in enumerate(rows):
+            text = f"caption {i}".encode() if i != 2 else b"caf\xe9"
+            handle.write(b'{"image": "' + str(folder / row["file_name"]).encode() + b'", "text": "' + text + b'"}\n')
+    engine = Engine(seed=0)
+    data = engine.use("dataset", path="json", data_files=str(tmp_path / "d.jsonl"), batch_size=3, shuffle=False)
+    batches = _run(engine)
+    assert [(s["name"], s["reason"]) for s in data.skipped] == [("sample 2", "invalid UTF-8 text")]
+    assert batches[0]["caption"] == ["caption 0", "caption 1"]
+
+
+def test_an_imagefolder_metadata_file_that_is_not_utf8_is_one_clear_error(tmp_path: Path) -> None:
+    folder = tmp_path / "imgs"
+    rows = write_images(folder, [(8, 8)] * 2, captions=False)
+    (folder / "metadata.jsonl").write_bytes(b'{"file_name": "' + rows[0]["file_name"].encode() + b'", "text": "caf\xe9"}\n')
+    engine = Engine(seed=0)
+    engine.use("dataset", path="imagefolder", data_dir=str(folder))
+    with pytest.raises(ValueError, match=r"imgs holds a file that is not valid UTF-8 \(byte 0xe9"):
+        engine.fire("setup")

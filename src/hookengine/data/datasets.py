@@ -141,7 +141,13 @@ class MapDataset:
 
     def __getitem__(self, item: Any) -> Any:
         index, epoch = _key(item)
-        return self.pipeline.sample(self.data[index], index, epoch)
+        try:
+            raw = self.data[index]
+        except UnicodeDecodeError as exc:  # arrow holds the bytes; Python cannot read the row
+            if self.pipeline.bad_samples == "raise":
+                raise BadSampleError(f"sample {index}", "invalid UTF-8 text", str(exc)) from None
+            return Skipped(index, f"sample {index}", "invalid UTF-8 text")
+        return self.pipeline.sample(raw, index, epoch)
 
 
 class StreamBatches:
@@ -395,6 +401,7 @@ class DatasetPlugin:
         self.require_caption = require_caption
         self.required_columns = list(required_columns or [])
         self.max_pixels = max_pixels
+        self.replaced_utf8 = False  # a csv with bytes that are not UTF-8 was read replaced
         # split -> ("column", name) or ("files", None) or None, resolved at setup.
         self.captions: dict[str, tuple[str, str | None] | None] = {}
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
@@ -555,18 +562,18 @@ class DatasetPlugin:
         import datasets
 
         pipeline = _Pipeline(self.engine.call, "skip", split, stream=isinstance(data, datasets.IterableDataset))
-        if isinstance(data, datasets.IterableDataset):
-            records = enumerate(data.take(tries))
-        else:
-            records = ((i, data[i]) for i in range(min(tries, len(data))))
-        for index, raw in records:
-            try:
+        try:
+            if isinstance(data, datasets.IterableDataset):
+                records = list(enumerate(data.take(tries)))
+            else:
+                records = [(i, data[i]) for i in range(min(tries, len(data)))]
+            for index, raw in records:
                 sample = pipeline.sample(raw, index, 0)
-            except Exception:  # noqa: BLE001 - a probe: the real error comes at the step
-                return []
-            if not isinstance(sample, Skipped):
-                batch = pipeline.batch([sample])
-                return list(batch) if isinstance(batch, dict) else []
+                if not isinstance(sample, Skipped):
+                    batch = pipeline.batch([sample])
+                    return list(batch) if isinstance(batch, dict) else []
+        except Exception:  # noqa: BLE001 - a probe: the real error, if any, comes with the data
+            return []
         return []
 
     # -------------------------------------------------------------- slot defaults
@@ -583,14 +590,25 @@ class DatasetPlugin:
             return cls.from_generator(fn, gen_kwargs=gen_kwargs)
         path = spec.pop("path")
         spec = {k: v for k, v in spec.items() if v is not None}
+        where = spec.get("data_files") or spec.get("data_dir") or path
         try:
             return datasets.load_dataset(path, **spec)
         except FileNotFoundError as exc:
             raise FileNotFoundError(f"dataset.path={path!r}: {exc}") from exc
-        except ValueError as exc:
-            if "no data" not in str(exc):
+        except Exception as exc:  # noqa: BLE001 - sorted below; anything else propagates unchanged
+            bad = _unicode_error(exc)
+            if bad is not None and path == "csv" and "encoding_errors" not in spec:
+                # A few rows with bytes that are not UTF-8 must not stop the run: read them
+                # replaced (U+FFFD), and the samples whose caption has one are skipped, named.
+                logger.warning("dataset: %s is not all valid UTF-8 (%s); the rows concerned will be skipped",
+                               where, bad)
+                self.replaced_utf8 = True
+                return datasets.load_dataset(path, **spec, encoding_errors="replace")
+            if bad is not None:
+                raise ValueError(f"dataset: {where} holds a file that is not valid UTF-8 ({bad}); convert it "
+                                 "to UTF-8 (in a csv file, such rows are skipped instead)") from exc
+            if not isinstance(exc, ValueError) or "no data" not in str(exc):
                 raise
-            where = spec.get("data_files") or spec.get("data_dir") or path
             raise ValueError(f"dataset: the data set {path!r} ({where}) is empty: {exc}") from exc
 
     def _decode_sample(self, next_impl: Any, sample: dict[str, Any]) -> dict[str, Any]:
@@ -610,7 +628,7 @@ class DatasetPlugin:
         captions = self.captions.get(str(sample.get("__split__", "train")))
         if captions is not None:
             kind, column = captions
-            caption = caption_text(sample.get(column), name) if kind == "column" else ""
+            caption = caption_text(sample.get(column), name, self.replaced_utf8) if kind == "column" else ""
             if not caption and path is not None:
                 caption = read_caption_file(path, self.caption_extensions) or ""
             sample["caption"] = caption
@@ -791,8 +809,10 @@ def source_path(source: Any) -> str | None:
     return getattr(source, "filename", None) or None
 
 
-def caption_text(value: Any, name: str) -> str:
-    """A caption value as text; bytes or text that are not valid UTF-8 are a bad sample."""
+def caption_text(value: Any, name: str, replaced: bool = False) -> str:
+    """A caption value as text; bytes or text that are not valid UTF-8 are a bad sample
+    (with ``replaced``: the file was read with bad bytes replaced by U+FFFD, so text
+    holding one was not valid UTF-8 either)."""
     if value is None:
         return ""
     if isinstance(value, (bytes, bytearray)):
@@ -801,6 +821,8 @@ def caption_text(value: Any, name: str) -> str:
         except UnicodeDecodeError as exc:
             raise BadSampleError(name, "invalid UTF-8 caption", f"byte {exc.start}: {exc.reason}") from None
     text = value if isinstance(value, str) else str(value)
+    if replaced and "\ufffd" in text:
+        raise BadSampleError(name, "invalid UTF-8 caption", f"bytes that are not UTF-8 in {text[:60]!r}")
     try:
         text.encode("utf-8")  # lone surrogates: bytes that were not UTF-8, escaped
     except UnicodeEncodeError as exc:
@@ -827,6 +849,16 @@ def read_caption_file(image_path: str, extensions: tuple[str, ...]) -> str | Non
             return data.decode("utf-8-sig").strip()
         except UnicodeDecodeError as exc:
             raise BadSampleError(caption_path, "invalid UTF-8 caption", f"byte {exc.start}: {exc.reason}") from None
+    return None
+
+
+def _unicode_error(exc: BaseException | None) -> str | None:
+    """The UnicodeDecodeError behind ``exc`` (datasets wraps it), described, or ``None``."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, UnicodeDecodeError):
+            return f"byte 0x{exc.object[exc.start]:02x} at position {exc.start}: {exc.reason}"
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
     return None
 
 
