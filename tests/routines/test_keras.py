@@ -145,7 +145,8 @@ def hand_loop_epoch_accuracy(data: list, epochs: int) -> list[float]:
 def test_compiled_metrics_as_keras_fit_and_evaluate_compute_them(run_dir: Path) -> None:
     data, val = batches(), batches(count=3, size=10)
     engine = quiet_engine(run_dir, epochs=3, lr=1e-2, eval_every=2)  # evaluations inside epochs too
-    engine.use(KERAS, name="keras", model=f"{__name__}:small_classifier", loss=LOSS, seed=0, metrics=["accuracy"])
+    engine.use(KERAS, name="keras", model=f"{__name__}:small_classifier", loss=LOSS, seed=0,
+               metrics=["accuracy", {"class_name": "SparseTopKCategoricalAccuracy", "config": {"k": 2, "name": "top2"}}])
     engine.on("setup", lambda state: state.dataloaders.update(train=data, val=val))
     at_epoch_end: list[float] = []
     engine.on("epoch_end", lambda state: at_epoch_end.append(state.metric("accuracy")))
@@ -160,9 +161,10 @@ def test_compiled_metrics_as_keras_fit_and_evaluate_compute_them(run_dir: Path) 
     x, y = torch.cat([b[0] for b in val]), torch.cat([b[1] for b in val])
     reference = model.evaluate(x, y, batch_size=10, verbose=0, return_dict=True)
     assert evaluations[-1]["val_accuracy"] == pytest.approx(reference["accuracy"], abs=1e-7)
+    assert evaluations[-1]["val_top2"] == pytest.approx(reference["top2"], abs=1e-7)
     assert evaluations[-1]["val_loss"] == pytest.approx(reference["loss"], rel=1e-5)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert all("accuracy" in r for r in records if r["kind"] == "train")
+    assert all("accuracy" in r and "top2" in r for r in records if r["kind"] == "train")
     assert all("val_accuracy" in r for r in records if r["kind"] == "eval") and len(evaluations) == 7
 
 

@@ -110,12 +110,14 @@ class KerasRoutine(Routine):
         if self.input_shape is not None and not model.built:
             model.build((None, *self.input_shape))
         options = dict(self.compile_options)
-        if self.metric_specs is not None:
-            # Names stay names: Keras picks the accuracy that fits the targets when compiling.
-            options["metrics"] = [m if isinstance(m, str) else keras.metrics.get(m) for m in self.metric_specs]
+        specs = self.metric_specs if self.metric_specs is not None else options.pop("metrics", None)
+        if specs is not None:
+            # Names stay names: Keras picks the accuracy that fits the targets when compiling;
+            # {"class_name", "config"} mappings become metric objects.
+            options["metrics"] = [keras.metrics.get(m) if isinstance(m, dict) else m for m in specs]
         if self.loss_spec is not None:
             model.compile(loss=keras.losses.get(self.loss_spec), **options)
-        elif self.metric_specs is not None and getattr(model, "compiled", False):
+        elif specs is not None and getattr(model, "compiled", False):
             model.compile(loss=model.loss, **options)  # the factory's loss, with these metrics
         if not getattr(model, "compiled", False):
             raise ValueError(f"keras: the model from {self.model_ref!r} is not compiled; give keras.loss")
