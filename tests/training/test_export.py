@@ -160,3 +160,26 @@ def test_nn_linear_options_are_read_off_the_module_and_bad_layouts_are_named(run
     engine.state.models["model"] = torch.nn.Sequential(torch.nn.Linear(4, 3))
     with pytest.raises(ExportError, match="cannot work out how to build model 'model'.*export.specs.model"):
         export_models(engine.state, run_dir / "bad")
+
+
+# ----------------------------------------------------------------------- Keras
+def keras_classifier() -> Any:
+    import keras
+
+    return keras.Sequential([keras.Input((12,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(5)])
+
+
+def test_keras_model_is_saved_as_a_keras_file(run_dir: Path) -> None:
+    keras = pytest.importorskip("keras")
+    g = torch.Generator().manual_seed(2)
+    data = [(torch.randn(8, 12, generator=g), torch.randint(0, 5, (8,), generator=g)) for _ in range(2)]
+    engine = Engine(seed=0, run_dir=run_dir)
+    engine.use("hookengine.routines.keras:KerasRoutine", name="keras", model=f"{__name__}:keras_classifier",
+               loss={"class_name": "SparseCategoricalCrossentropy", "config": {"from_logits": True}}, seed=0)
+    engine.use(ExportPlugin)
+    engine.on("setup", lambda state: state.dataloaders.update(train=data))
+    quiet(engine, 2, 1e-2).run()
+    loaded = keras.saving.load_model(run_dir / "export" / "model" / "model.keras")
+    x = data[0][0]
+    trained = engine.state.models["model"]
+    assert torch.equal(torch.as_tensor(loaded(x)), torch.as_tensor(trained(x)))

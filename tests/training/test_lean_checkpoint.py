@@ -140,3 +140,25 @@ def test_distillation_checkpoint_never_holds_the_teachers(run_dir: Path) -> None
         teacher.state.models["teacher_b"][0].weight.mul_(2)
     with pytest.raises(RuntimeError, match="model 'teacher_b': its frozen base"):
         teacher.run()
+
+
+def test_the_frozen_hash_is_computed_once_and_again_only_when_a_frozen_tensor_changes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch import nn
+
+    from hookengine.core import model_state
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    model[0].requires_grad_(False)
+    hashed: list[int] = []
+    real = model_state.hashlib.sha256
+    monkeypatch.setattr(model_state.hashlib, "sha256", lambda *args: hashed.append(1) or real(*args))
+    cache: dict[str, Any] = {}
+    first, reference = model_state.split_model_state(model, set(), cache, "m")
+    with torch.no_grad():
+        model[1].weight.add_(1.0)  # training the trained part needs no new hash
+    again, same = model_state.split_model_state(model, set(), cache, "m")
+    assert set(first) == {"1.weight", "1.bias"} and reference == same and len(hashed) == 1
+    with torch.no_grad():
+        model[0].weight.add_(1.0)  # the frozen part changed: hashed again, and differently
+    _, changed = model_state.split_model_state(model, set(), cache, "m")
+    assert len(hashed) == 2 and changed["frozen_hash"] != reference["frozen_hash"]
