@@ -61,7 +61,7 @@ def run_summary(
 ) -> str:
     """The text printed when a run ends (``outcome``: ``finished``, ``stopped early`` or ``failed: ...``)."""
     clock = state.clock
-    total = state.total_steps if outcome == "finished" else _safe_total(state)
+    total = _safe_total(state)
     steps = f"step {clock.step}" + (f"/{total}" if total else "")
     speed = f", {samples_done / elapsed_s:.1f} samples/s" if elapsed_s > 0 and samples_done else ""
     name = state.config.get("name") if isinstance(state.config, dict) else None
@@ -84,7 +84,7 @@ def run_summary(
 def _safe_total(state: Any) -> int | None:
     try:
         return state.total_steps
-    except Exception:  # noqa: BLE001 - a failed run may have no plan or loaders to count
+    except Exception:  # noqa: BLE001 - a failed run may have no plan, or loaders without a length
         return None
 
 
