@@ -93,6 +93,7 @@ class Bucketing:
         splits: the loaders that are bucketed.
         bad_samples: ``skip`` or ``raise`` for unreadable images found while sizing
             (default: the dataset plugin's policy).
+        size_threads: threads reading image headers for their sizes.
         pixel_space: the model works on pixels (no VAE): ``align`` may be a multiple of 4.
     """
 

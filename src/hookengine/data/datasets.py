@@ -297,8 +297,9 @@ class DatasetPlugin:
             builder (``csv``, ``json``, ``parquet``, ``text``, ``imagefolder``) or a folder.
         config: the data set configuration name (``load_dataset``'s ``name``).
         data_files, data_dir: as in ``load_dataset``.
-        generator: ``module:attr`` of a generator function for ``Dataset.from_generator``
-            (``IterableDataset.from_generator`` when streaming); ``gen_kwargs`` its arguments.
+        generator, gen_kwargs: ``module:attr`` of a generator function for
+            ``Dataset.from_generator`` (``IterableDataset.from_generator`` when streaming),
+            and its arguments.
         split, val_split: the splits for the ``train`` and ``val`` loaders.
         streaming: load an iterable data set (never fully downloaded or decoded).
         load_options: more keyword arguments for ``load_dataset``.
@@ -521,13 +522,12 @@ class DatasetPlugin:
         import datasets
 
         if isinstance(data, datasets.IterableDataset):
-            sources = [record.get(self.image_column) for record in data.take(1)]
+            paths = (source_path(record.get(self.image_column)) for record in data.take(1))
         else:
-            sources = data.select_columns([self.image_column])[self.image_column]
+            paths = _image_paths(data, self.image_column)
         listings: dict[str, set[str]] = {}
-        for source in sources:
-            path = source_path(source)
-            if path is None:
+        for path in paths:
+            if not path:
                 continue
             folder, stem = os.path.split(os.path.splitext(path)[0])
             if folder not in listings:
@@ -798,6 +798,23 @@ def column_names(data: Any) -> list[str]:
         first = next(iter(data.take(1)), None) if hasattr(data, "take") else None
         names = list(first) if isinstance(first, dict) else []
     return list(names)
+
+
+def _image_paths(data: Any, column: str) -> Iterator[str | None]:
+    """The file paths of an image column, read from arrow: embedded bytes are never loaded."""
+    import pyarrow as pa
+
+    table = getattr(data, "data", None)
+    if table is None or not hasattr(table, "column"):
+        yield from (source_path(source) for source in data[column])
+        return
+    for chunk in table.column(column).chunks:
+        if pa.types.is_struct(chunk.type):
+            if chunk.type.get_field_index("path") < 0:
+                continue
+            chunk = chunk.field("path")
+        if pa.types.is_string(chunk.type) or pa.types.is_large_string(chunk.type):
+            yield from chunk.to_pylist()
 
 
 def source_path(source: Any) -> str | None:
