@@ -244,3 +244,45 @@ def test_logging_and_progress_read_tensors_only_when_they_report(
     quiet = [step for step in range(1, 21) if step % 5 and step % 4]
     assert all(per_step[step] == 0 for step in quiet), {s: per_step[s] for s in quiet}
     assert per_step[5] > 0 and per_step[4] > 0  # the counter sees the reads that do happen
+
+
+# ------------------------------------------------------------- two processes
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_two_processes_track_and_summarise_once(tmp_path: Path) -> None:
+    """Under torchrun, only the main process writes tracker files and prints the summary."""
+    pytest.importorskip("tensorboard")
+    import os
+    import socket
+    import subprocess
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[2]
+    recipe = {
+        "name": "two", "run_dir": str(tmp_path / "two"),
+        "plugins": {
+            "data": {"use": f"{__name__}:toy_data"},
+            "supervised": {"use": "supervised", "model": "torch.nn:Linear", "loss": "mse_loss",
+                           "model_options": {"in_features": 4, "out_features": 1}},
+        },
+        "trainer": {"max_steps": 4, "lr": 0.01, "optimizer": "SGD"},
+        "checkpoint": {"every": 0},
+        "logging": {"every": 2, "log_with": "tensorboard"},
+        "progress": {"enabled": False},
+    }
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv-backend", "c10d",
+           "--rdzv-endpoint", f"127.0.0.1:{port}", "-m", "hookengine", "run", str(path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root), "TMPDIR": str(tmp_path)}
+    result = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("run two finished at step 4/4") == 1, result.stdout
+    tracked = tmp_path / "two" / "trackers" / "two"
+    assert len(list(tracked.glob("events.out.tfevents.*"))) == 1 and len(list(tracked.glob("*/hparams.yml"))) == 1
+    train = [r for r in records(tmp_path / "two") if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [2, 4]  # one file, written once
