@@ -5,7 +5,8 @@ A model whose parameters all train is saved whole. A model with a frozen part (a
 under LoRA adapters, a teacher, a VAE next to a trained UNet) keeps only its *trained*
 entries: parameters with ``requires_grad``, parameters some optimizer holds (layer
 freezing keeps them there), PEFT adapter weights, and every buffer (BatchNorm statistics
-change even under frozen weights). The rest is the frozen base, which the run reloads
+change even under frozen weights). A model of which nothing trains (a teacher, a VAE)
+is not saved at all, buffers included. The rest is the frozen base, which the run reloads
 from its recipe (the model loader, a routine's ``pipeline=``); the checkpoint holds a
 reference to it (the model's class and source, and a content hash of the frozen
 tensors), and resuming onto a different base is refused with a clear error.
@@ -77,6 +78,9 @@ def split_model_state(
             trained[key] = value
         else:
             frozen[key] = value
+    if frozen and not any(isinstance(v, torch.nn.Parameter) for v in trained.values()):
+        # Nothing of it trains (a teacher, a VAE): never saved, only referenced.
+        frozen, trained = dict(live), {}
     state = {k: v.detach() for k, v in trained.items()}
     if not frozen:
         return state, None
