@@ -27,7 +27,23 @@ def broken_images(tmp_path_factory) -> Path:
     (folder / "garbage.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
     Image.new("CMYK", (16, 16), (0, 128, 0, 0)).save(folder / "cmyk.jpg")
     Image.fromarray(np.full((16, 16), 40000, dtype=np.uint16)).save(folder / "deep.png")
+    (folder / "bomb.png").write_bytes(_png_header(30000, 30000))  # over PIL's decompression-bomb limit
+    (folder / "huge.png").write_bytes(_png_header(10000, 10000))  # over dataset.max_pixels
+    (folder / "good_1.txt").write_bytes(b"caf\xe9 in latin-1")  # a caption file that is not UTF-8
+    (folder / "good_2.txt").write_text("a fine caption")
     return folder
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A 1-bit PNG that claims ``width x height`` pixels in a few bytes."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 def test_broken_images_are_skipped_counted_and_named(broken_images: Path, tmp_path: Path) -> None:
@@ -39,9 +55,12 @@ def test_broken_images_are_skipped_counted_and_named(broken_images: Path, tmp_pa
     for batch in engine.state.dataloaders["train"]:
         engine.fire("batch_start", batch=batch)  # as the loop does: skipped samples get counted
         images.extend(batch.get("image", []))  # a batch of only bad samples has no images
-    names = {Path(s["name"]).name for s in data.skipped}
-    assert {"truncated.png", "empty.png", "garbage.png"} <= names
-    assert "good_0.png" not in names
+    names = {Path(s["name"]).name: s["reason"] for s in data.skipped}
+    assert {"truncated.png", "empty.png", "garbage.png"} <= set(names)
+    assert (names["bomb.png"], names["huge.png"], names["good_1.txt"]) == (
+        "decompression bomb", "too many pixels", "invalid UTF-8 caption")
+    assert "good_0.png" not in names and "good_2.png" not in names
+    assert (tmp_path / "skipped_samples.jsonl").read_text().count("\n") == len(data.skipped)
     assert engine.state.metrics["data/skipped"] == len(data.skipped)
     assert all(img.shape[0] == 3 and torch.isfinite(img).all() for img in images)  # CMYK and 16-bit converted
 
@@ -52,7 +71,7 @@ def test_a_broken_image_under_raise_names_the_file(broken_images: Path, tmp_path
                shuffle=False)
     engine.runtime.accelerator  # noqa: B018
     engine.fire("setup")
-    with pytest.raises(Exception, match=r"(truncated|empty|garbage)\.png"):
+    with pytest.raises(Exception, match=r"(truncated|empty|garbage|bomb|huge)\.png"):
         for _ in engine.state.dataloaders["train"]:
             pass
 

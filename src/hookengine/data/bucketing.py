@@ -135,7 +135,7 @@ class Bucketing:
         for option in MODE_OPTIONS[other]:
             if given[option] is not None:
                 raise BucketError(
-                    f"bucketing.{option} does not apply to mode {mode!r} (it is a {other}-mode option); "
+                    f"bucketing.{option} does not apply to mode {mode!r} (it is an option of mode {other!r}); "
                     f"remove it, or set mode: {other}" + (" (kohya mode takes max_resolution)" if option == "resolutions" else "")
                 )
         self.mode, self.no_upscale = mode, bool(no_upscale)
