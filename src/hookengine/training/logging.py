@@ -28,7 +28,8 @@ class MetricsLogger:
         file: the JSONL file name inside the run folder.
         plot: write ``loss.png`` (loss, validation loss, learning rate) in the run folder.
         plot_every: refresh ``loss.png`` while training, at the first log at or after every
-            N optimizer steps (default: every 10 logs; 0: only when the run ends).
+            N optimizer steps; 0: only when the run ends. Default: every 10 logs but at most
+            once in 30 seconds, so a fast run spends next to nothing on plotting.
         log_with: experiment trackers, by accelerate's names (``tensorboard``, ``wandb``,
             ``mlflow``, ``comet_ml``, ``aim``, ``clearml``, ``dvclive``, ``swanlab``,
             ``trackio``), ``all`` (those installed) or ``module:attr`` of an
@@ -66,6 +67,7 @@ class MetricsLogger:
         self.file = file
         self.plot = plot
         self.plot_every = 10 * every if plot_every is None else plot_every
+        self.plot_interval_s = 30.0 if plot_every is None else 0.0
         self.log_with = [log_with] if isinstance(log_with, str) else list(log_with or [])
         if self.log_with:
             from .trackers import check_trackers
@@ -83,6 +85,7 @@ class MetricsLogger:
         self._t0 = time.perf_counter()
         self._start = (self._t0, 0, 0)  # time, step and samples when this session started training
         self._last_plot = 0
+        self._last_plot_time = time.perf_counter()
         self._ended: tuple[str, float, int, int] | None = None  # outcome, seconds, steps, samples
 
     def setup(self, engine: Any) -> None:
@@ -104,7 +107,7 @@ class MetricsLogger:
     def _begin(self, state: Any) -> None:
         clock = state.clock
         self._start = (time.perf_counter(), clock.step, clock.samples)
-        self._last_plot = clock.step
+        self._last_plot, self._last_plot_time = clock.step, self._start[0]
         self._start_trackers(state)
 
     def _record(self, kind: str, values: dict[str, Any]) -> None:
@@ -135,8 +138,10 @@ class MetricsLogger:
             values[f"lr/{name}"] = optimizer.param_groups[0]["lr"]
         self._record("train", values)
         if self.plot and self.plot_every and state.clock.step - self._last_plot >= self.plot_every:
-            self._last_plot = state.clock.step
-            self._plot(state)
+            now = time.perf_counter()
+            if now - self._last_plot_time >= self.plot_interval_s:
+                self._last_plot, self._last_plot_time = state.clock.step, now
+                self._plot(state)
 
     def _log_eval(self, state: Any, metrics: dict[str, Any]) -> None:
         self._record("eval", metrics)
