@@ -183,3 +183,36 @@ def test_keras_model_is_saved_as_a_keras_file(run_dir: Path) -> None:
     x = data[0][0]
     trained = engine.state.models["model"]
     assert torch.equal(torch.as_tensor(loaded(x)), torch.as_tensor(trained(x)))
+
+
+def test_export_run_of_a_lora_run_reloads_the_base_and_writes_the_adapter(run_dir: Path) -> None:
+    from hookengine.demo.digits import DigitsConvNet
+    from hookengine.sched.lora_files import load_lora
+
+    recipe = {
+        "name": "lora-export",
+        "run_dir": str(run_dir),
+        "seed": 0,
+        "plugins": {
+            "digits": {"use": "digits", "batch_size": 16},
+            "model": {"use": "supervised", "model": "hookengine.demo.digits:DigitsConvNet"},
+            "lora": {"use": "lora_sched", "model": "model", "adapters": {"a": {"targets": ["6", "9"], "rank": 4, "alpha": 8}}},
+        },
+        "trainer": {"max_steps": 3, "lr": 0.01, "eval_at_phase_end": False},
+        "logging": {"every": 1},
+        "progress": {"enabled": False},
+    }
+    engine = Engine()
+    engine.run(recipe)
+    trained = engine.state.models["model"].eval()
+    written = export_run(run_dir, out=run_dir / "out")
+    assert sorted(written) == ["a"]
+    assert (written["a"] / "a_kohya.safetensors").is_file() and (written["a"] / "pytorch_lora_weights.safetensors").is_file()
+    # the trained model's base (frozen) weights in a plain net, then the exported adapter on top
+    fresh = DigitsConvNet().eval()
+    base = {k.replace(".base_layer", ""): v for k, v in trained.state_dict().items() if "lora_" not in k}
+    fresh.load_state_dict(base)
+    load_lora(fresh, written["a"] / "peft" / "model", adapter="a")
+    x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(fresh(x), trained(x), atol=1e-6)
