@@ -148,6 +148,8 @@ def test_compiled_metrics_as_keras_fit_and_evaluate_compute_them(run_dir: Path) 
     engine.use(KERAS, name="keras", model=f"{__name__}:small_classifier", loss=LOSS, seed=0,
                metrics=["accuracy", {"class_name": "SparseTopKCategoricalAccuracy", "config": {"k": 2, "name": "top2"}}])
     engine.on("setup", lambda state: state.dataloaders.update(train=data, val=val))
+    recorder = Recorder()
+    engine.use("hookengine.routines.keras:KerasCallbacks", name="keras_callbacks", callbacks=[recorder])
     at_epoch_end: list[float] = []
     engine.on("epoch_end", lambda state: at_epoch_end.append(state.metric("accuracy")))
     evaluations: list[dict] = []
@@ -166,6 +168,8 @@ def test_compiled_metrics_as_keras_fit_and_evaluate_compute_them(run_dir: Path) 
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all("accuracy" in r and "top2" in r for r in records if r["kind"] == "train")
     assert all("val_accuracy" in r for r in records if r["kind"] == "eval") and len(evaluations) == 7
+    # Callbacks see them as fit shows them: batch logs with the training metrics.
+    assert {tuple(c[2]) for c in recorder.calls if c[0] == "batch_end"} == {("accuracy", "loss", "top2")}
 
 
 def test_metrics_option_and_compile_options_metrics_are_exclusive() -> None:

@@ -273,7 +273,9 @@ class KerasCallbacks:
     def _batch_end(self, state: Any, loss: Any) -> None:
         if not self._batch_listeners:
             return  # nobody reads batch logs: no host sync for the loss
-        logs = {"loss": float(loss)}
+        # As fit's batch logs: the training metrics (the compiled ones are running means), the loss.
+        logs = {k: v for k, v in self._logs().items() if not k.startswith("val_")}
+        logs["loss"] = float(loss)
         # One by one (not through the CallbackList), so the one that stops the run is known.
         for callback in self._batch_listeners:
             callback.on_train_batch_end(self._batch, logs)
