@@ -193,17 +193,17 @@ class MetricsLogger:
     def _finish(self, state: Any) -> None:
         self._plot(state)
         outcome = "stopped early" if state.control.stop_requested else "finished"
-        self._print_summary(state, outcome)
+        self._note_end(state, outcome)
 
     def _finish_on_error(self, state: Any, error: BaseException) -> None:
         # Keep what was measured before the failure: the plot and the outputs are still useful.
         try:
             self._plot(state)
-            self._print_summary(state, f"failed ({type(error).__name__})")
+            self._note_end(state, f"failed ({type(error).__name__})")
         except Exception:  # noqa: BLE001 - never mask the original error
             pass
 
-    def _print_summary(self, state: Any, outcome: str) -> None:
+    def _note_end(self, state: Any, outcome: str) -> None:
         if self._ended is None:
             t_start, step0, samples0 = self._start
             self._ended = (outcome, time.perf_counter() - t_start, state.clock.step - step0, state.clock.samples - samples0)
@@ -213,7 +213,13 @@ class MetricsLogger:
         # its files, and the progress bar is closed, so the two do not interleave.
         ended, self._ended = self._ended, None
         if ended is not None and self.summary and state.is_main_process:
-            print(run_summary(state, ended[1], ended[2], ended[3], ended[0]), flush=True)
+            outcome, seconds, steps, samples = ended
+            try:
+                print(run_summary(state, seconds, steps, samples, outcome), flush=True)
+            except Exception:
+                if not outcome.startswith("failed"):
+                    raise
+                # a failed run's state may be half-built: its own error is the one to see
         for tracker in self.trackers or []:
             tracker.finish()
         if self.trackers is not None:
