@@ -266,3 +266,17 @@ def test_sdxl_trains_from_captions_and_samples_at_the_training_size(tiny_sdxl: P
     engine.run()
     assert len(losses) == 1 and np.isfinite(losses[0])
     assert tuple(routine.sample().shape) == (1, 3, 32, 48)
+
+
+def test_caption_slots_can_be_wrapped(tiny_sd: Path, run_dir: Path) -> None:
+    from hookengine import Engine
+
+    engine = Engine(seed=0, run_dir=run_dir)
+    engine.use(DIFFUSION, name="diffusion", pipeline=str(tiny_sd), keep_tokens=1, shuffle_caption=True)
+    engine.attach("prepare_captions", lambda next_impl, captions, train: ["sks, " + c for c in next_impl(captions, train)])
+    seen: list[list[str]] = []
+    engine.attach("encode_captions", lambda next_impl, captions: (seen.append(captions), next_impl(captions))[1])
+    engine.fire("setup")
+    engine.call("compute_loss", {"pixel_values": torch.zeros((2, 3, 32, 32)), "caption": ["a, b, c", "d"]})
+    assert seen[0][0].startswith("sks, a, ") and sorted(seen[0][0].split(", ")[2:]) == ["b", "c"]
+    assert seen[0][1] == "sks, d"

@@ -25,6 +25,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
+from ..core.points import BASE_PRIORITY, Point
 from .base import Routine, samples_path
 from .captions import TextEncoders, prepare_captions
 
@@ -37,6 +38,10 @@ _DENSITY = {"uniform": "none", "logit_normal": "logit_normal", "mode": "mode"}
 
 class DiffusionRoutine(Routine):
     """Train a denoiser: noise prediction (epsilon), v-prediction or flow matching.
+
+    Captions go through two slots a user may wrap: ``prepare_captions(captions, train)``
+    (dropout and shuffling; e.g. add a trigger word) and ``encode_captions(captions)``
+    (tokenize and encode; e.g. embeddings from elsewhere).
 
     Args:
         unet, vae, text_encoder, tokenizer: names of the components in ``state.models``.
@@ -89,6 +94,12 @@ class DiffusionRoutine(Routine):
     """
 
     name = "diffusion"
+    hook_points = [
+        Point("prepare_captions", "slot", ("captions", "train"),
+              "The captions a batch is conditioned on (training: caption dropout, tag shuffling).", "diffusion"),
+        Point("encode_captions", "slot", ("captions",),
+              "Token ids -> text embeddings (hidden, pooled) with the pipeline's tokenizers and encoders.", "diffusion"),
+    ]
 
     def __init__(
         self,
@@ -185,6 +196,8 @@ class DiffusionRoutine(Routine):
         super().setup(engine)
         # Each evaluation draws the same noise: val losses are comparable over time.
         engine.attach("evaluate", self._fresh_eval_draws)
+        engine.attach("prepare_captions", self._prepare_captions_slot, priority=BASE_PRIORITY)
+        engine.attach("encode_captions", self._encode_captions_slot, priority=BASE_PRIORITY)
         engine.on("epoch_start", self._frozen_to_eval)
         if self.sample_every > 0:
             engine.on("step_end", self._sample_listener, every=self.sample_every)
@@ -474,12 +487,8 @@ class DiffusionRoutine(Routine):
         elif hidden is None and captions is not None:
             if isinstance(captions, str):
                 captions = [captions]
-            if train:
-                captions = prepare_captions(
-                    captions, seed=self._caption_seed(), step=self.engine.state.clock.micro_step,
-                    rank=self.engine.runtime.process_index, **self.caption_options,
-                )
-            embeddings = self.encode_captions([("" if c is None else str(c)) for c in captions])
+            captions = self.engine.call("prepare_captions", [("" if c is None else str(c)) for c in captions], train)
+            embeddings = self.engine.call("encode_captions", captions)
             hidden, pooled = embeddings.hidden, embeddings.pooled
         if hidden is None and self._takes_text():
             raise KeyError(
@@ -503,6 +512,21 @@ class DiffusionRoutine(Routine):
         if labels is not None and self._takes_class_labels():
             conditioning["class_labels"] = labels.to(self.device)
         return conditioning
+
+    def _prepare_captions_slot(self, next_impl: Any, captions: list[str], train: bool) -> list[str]:
+        if not self.active():
+            return next_impl(captions, train)
+        return self.prepare_captions(captions) if train else captions
+
+    def _encode_captions_slot(self, next_impl: Any, captions: list[str]) -> Any:
+        return self.encode_captions(captions) if self.active() else next_impl(captions)
+
+    def prepare_captions(self, captions: list[str]) -> list[str]:
+        """Training captions: dropout and kohya's shuffle, from (seed, batch, rank, position)."""
+        return prepare_captions(
+            captions, seed=self._caption_seed(), step=self.engine.state.clock.micro_step,
+            rank=self.engine.runtime.process_index, **self.caption_options,
+        )
 
     def encode_captions(self, captions: list[str]) -> Any:
         """Embeddings of ``captions`` with the pipeline's tokenizer(s) and text encoder(s)."""
