@@ -238,6 +238,20 @@ def test_a_safetensors_index_must_point_at_safetensors(tmp_path: Path) -> None:
         check_folder(folder)
 
 
+def test_a_model_folder_cannot_name_a_command_as_its_class(tmp_path: Path) -> None:
+    from hookengine.models.loader import load_model
+    from hookengine.models.safety import ModelLoadError
+
+    marker = tmp_path / "PWNED"
+    folder = tmp_path / "net"
+    folder.mkdir()
+    spec = {"class": "os:system", "options": {"command": f"touch {marker}"}}
+    (folder / "hookengine_model.json").write_text(json.dumps(spec))
+    with pytest.raises(ModelLoadError, match="'os:system' is not a model class"):
+        load_model(str(folder), kind="torch")
+    assert not marker.exists()
+
+
 # ------------------------------------------------- 6. recipe-relative module:attr
 PLUGIN_SOURCE = '''
 class CaptionTokenizer:

@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 import torch
 
+from hookengine.core.plugins import model_factory
+
 from .conftest import quiet_engine, record_losses
 
 keras = pytest.importorskip("keras")  # conftest set KERAS_BACKEND=torch before this import
@@ -17,6 +19,7 @@ KERAS = "hookengine.routines.keras:KerasRoutine"
 LOSS = {"class_name": "SparseCategoricalCrossentropy", "config": {"from_logits": True}}
 
 
+@model_factory
 def small_classifier(hidden: int = 16, dropout: float = 0.2) -> Any:
     """A Keras MLP for 12 features and 5 classes, with dropout (so the seed handling matters)."""
     return keras.Sequential([

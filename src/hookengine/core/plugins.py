@@ -264,8 +264,8 @@ REFERENCE_KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
         "an lr scheduler (a torch LRScheduler class, or a function marked @recipe_callable('scheduler'))",
     ),
     "callback": (
-        lambda t: _subclass_of(t, (("keras", "Callback"),)),
-        "a keras Callback class (or a function marked @recipe_callable('callback'))",
+        lambda t: _subclass_of(t if inspect.isclass(t) else type(t), (("keras", "Callback"),)),
+        "a keras Callback (class or instance; or a function marked @recipe_callable('callback'))",
     ),
     "model_class": (
         lambda t: inspect.isclass(t) and (_subclass_of(t, _MODEL_BASES) or callable(getattr(t, "from_pretrained", None))),

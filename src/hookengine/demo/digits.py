@@ -91,7 +91,7 @@ def evaluate_checkpoint(path: str, model: str, model_options: dict[str, Any] | N
     from ..training.checkpoint import load_tree
     
     tree = load_tree(Path(path))
-    net = resolve(model)(**(model_options or {}))
+    net = resolve(model, "model", "model")(**(model_options or {}))
     net.load_state_dict(tree["models"][model_name])
     net.eval()
     _, _, vx, vy = load_digits_split()

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..core.points import BASE_PRIORITY
-from .safety import ModelLoadError, UnsafeFileError, check_file, check_folder
+from .safety import ModelLoadError, UnsafeFileError, check_file, check_folder, class_reference
 
 __all__ = ["ModelSpec", "ModelLoader", "ModelLoadError", "UnsafeFileError", "load_model", "detect_kind", "resolve_class"]
 
@@ -171,14 +171,7 @@ def resolve_class(reference: Any) -> type:
         return reference
     text = str(reference)
     if ":" in text:
-        module_name, _, attr = text.partition(":")
-        try:
-            obj: Any = importlib.import_module(module_name)
-            for part in attr.split("."):
-                obj = getattr(obj, part)
-        except (ImportError, AttributeError) as exc:
-            raise ModelLoadError(f"cannot import class {text!r}: {exc}") from exc
-        return obj
+        return class_reference(text)  # checked to be a model class before anything calls it
     for library in ("transformers", "diffusers"):
         try:
             module = importlib.import_module(library)

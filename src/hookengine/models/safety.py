@@ -26,6 +26,7 @@ __all__ = [
     "check_file",
     "check_folder",
     "check_safetensors",
+    "class_reference",
 ]
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
@@ -187,3 +188,16 @@ def check_safetensors(path: str | Path, model: str = "") -> None:
     except Exception as exc:  # SafetensorError, OSError: both mean "this file cannot be used"
         owner = f" (model {model!r})" if model else ""
         raise ModelLoadError(f"corrupt or unreadable safetensors file {str(path)!r}{owner}: {exc}") from exc
+
+
+def class_reference(reference: str, key: str = "cls") -> type:
+    """The class a ``module:Class`` string names (a model class, or one with
+    ``from_pretrained``), checked before anything of it is called: a model folder's
+    ``hookengine_model.json`` or a recipe's ``cls`` is data, never a way to call
+    ``os:system``."""
+    from ..core.plugins import PluginError, resolve
+
+    try:
+        return resolve(reference, "model_class", key)
+    except (PluginError, ImportError) as exc:
+        raise ModelLoadError(f"cannot use class {reference!r}: {exc}") from exc

@@ -108,7 +108,7 @@ class Distillation(Routine):
         if self.student_name not in state.models:
             if self.model_ref is None:
                 raise ValueError(f"distill: no student {self.student_name!r} in state.models; give model= (a module:attr factory)")
-            state.models[self.student_name] = resolve(self.model_ref)(**self.model_options)
+            state.models[self.student_name] = resolve(self.model_ref, "model", "distill.model")(**self.model_options)
         for name in self.teacher_weights:
             teacher = self._teacher_object(name)
             teacher.requires_grad_(False)  # never in the optimizer, never a graph

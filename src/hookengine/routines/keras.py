@@ -104,7 +104,7 @@ class KerasRoutine(Routine):
         keras = import_keras()
         if self.seed is not None:
             keras.utils.set_random_seed(self.seed)
-        model = resolve(self.model_ref)(**self.model_options)
+        model = resolve(self.model_ref, "model", "keras.model")(**self.model_options)
         if not isinstance(model, keras.Model):
             raise TypeError(f"keras.model: {self.model_ref!r} returned {type(model).__name__}, not a keras.Model")
         if self.input_shape is not None and not model.built:
@@ -229,11 +229,11 @@ class KerasCallbacks:
         from ..core.plugins import resolve
 
         if isinstance(spec, str):
-            target = resolve(spec)
+            target = resolve(spec, "callback", "keras_callbacks.callbacks")
             return target() if isinstance(target, type) else target
         if isinstance(spec, dict):
             options = dict(spec)
-            return resolve(options.pop("callback"))(**options)
+            return resolve(options.pop("callback"), "callback", "keras_callbacks.callbacks")(**options)
         return spec
 
     def _logs(self) -> dict[str, float]:

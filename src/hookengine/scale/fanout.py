@@ -95,7 +95,7 @@ def teacher_logits(teacher: dict[str, Any], inputs: Any) -> Any:
     import torch
 
     torch.manual_seed(teacher.get("seed", 0))
-    net = resolve(teacher["model"])(**teacher.get("options", {}))
+    net = resolve(teacher["model"], "model", "teacher.model")(**teacher.get("options", {}))
     net.eval()
     with torch.no_grad():
         return net(inputs)

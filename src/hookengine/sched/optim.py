@@ -46,7 +46,7 @@ def optimizer_class(name: str) -> type:
     import torch
 
     if ":" in name:
-        return resolve(name)
+        return resolve(name, "optimizer", "optimizer")
     cls = getattr(torch.optim, name, None)
     if isinstance(cls, type) and name != "Optimizer":
         return cls

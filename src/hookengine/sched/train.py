@@ -128,7 +128,7 @@ class TrainScheduler:
 
         plan = self.engine.state.plan
         name = plan.optimizer
-        cls = getattr(torch.optim, name, None) if ":" not in name else resolve(name)
+        cls = getattr(torch.optim, name, None) if ":" not in name else resolve(name, "optimizer", "train_sched.optimizer")
         if cls is None:
             names = [n for n in dir(torch.optim) if n[:1].isupper()]
             raise ValueError(f"train_sched.optimizer: unknown optimizer {name!r}{closest(name, names)}")
