@@ -63,6 +63,31 @@ def test_tensorboard_events_hold_the_values_of_metrics_jsonl(run_dir: Path) -> N
     assert len(hparams) == 1 and "plan.lr: 0.05" in hparams[0].read_text()
 
 
+def test_a_resumed_run_purges_the_tensorboard_events_past_its_checkpoint(run_dir: Path) -> None:
+    pytest.importorskip("tensorboard")
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.compat.proto import event_pb2
+    from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+
+    logging = {"every": 2, "log_with": "tensorboard", "project": "toy"}
+    toy_engine(run_dir, logging, {"checkpoint": {"every": 4}}, max_steps=8).run()
+    shutil.rmtree(run_dir / "checkpoints" / "step-00000008")  # as if killed between steps 4 and 8
+    resumed = toy_engine(run_dir, logging, {"checkpoint": {"every": 4, "resume": "latest"}}, max_steps=10, lr=0.02)
+    resumed.run()
+    files = sorted((run_dir / "trackers" / "toy").glob("events.out.tfevents.*"))
+    assert len(files) == 2
+    written_events = list(LegacyEventFileLoader(str(files[1])).Load())  # the resumed writer's file
+    starts = [e for e in written_events if e.session_log.status == event_pb2.SessionLog.START]
+    assert [e.step for e in starts] == [5]  # TensorBoard discards the older events from step 5 on
+    events = EventAccumulator(str(run_dir / "trackers" / "toy"))
+    events.Reload()
+    written = [(r["step"], r["loss"]) for r in records(run_dir) if r["kind"] == "train"]
+    assert [s for s, _ in written] == [2, 4, 6, 8, 10]
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(s, pytest.approx(v, rel=1e-6)) for s, v in written]
+
+
 def test_recipe_trackers_get_the_recipe_as_hyperparameters(tmp_path: Path) -> None:
     pytest.importorskip("tensorboard")
     from hookengine.training.trackers import flat_hparams

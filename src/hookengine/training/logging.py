@@ -169,10 +169,15 @@ class MetricsLogger:
             "plan": dataclasses.asdict(state.plan),
             "plugins": list(self.engine.plugin_names),
         }
+        options = {name: dict(values) for name, values in self.tracker_options.items()}
+        if state.clock.step > 0:
+            # A resumed run: TensorBoard drops the events the checkpoint does not cover (as
+            # _rewind drops those lines of metrics.jsonl), so its curves do not fork.
+            options.setdefault("tensorboard", {}).setdefault("purge_step", state.clock.step + 1)
         self.trackers = []  # set first: a tracker that fails to start is not retried every record
         self.trackers = start_trackers(
             self.log_with, self.project or _project_name(state), run_dir / self.tracker_dir,
-            config=flat_hparams(config), options=self.tracker_options,
+            config=flat_hparams(config), options=options,
         )
 
     def _track(self, record: dict[str, Any]) -> None:
