@@ -211,7 +211,12 @@ _MODEL_BASES = _TORCH_MODULE + _KERAS_MODEL
 
 def _from_stdlib(target: Any) -> bool:
     """Defined in Python's standard library or built in (``os.system``, ``subprocess.Popen``)."""
-    module = target.__name__ if isinstance(target, types.ModuleType) else getattr(target, "__module__", None)
+    if isinstance(target, types.ModuleType):
+        module = target.__name__
+    elif inspect.isclass(target) or inspect.isroutine(target):
+        module = getattr(target, "__module__", None)
+    else:  # an instance: where its class lives (functools.partial is the standard library's)
+        module = type(target).__module__
     if not isinstance(module, str):
         return True  # builtin method descriptors, objects with no home module
     top = module.split(".")[0]
@@ -273,8 +278,11 @@ REFERENCE_KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     ),
     "function": (inspect.isfunction, "a Python function"),
     "any": (
-        lambda t: inspect.isclass(t) or inspect.isfunction(t) or isinstance(t, types.ModuleType),
-        "a class, function or module",
+        lambda t: inspect.isclass(t)
+        or inspect.isfunction(t)
+        or isinstance(t, types.ModuleType)
+        or (callable(t) and not inspect.isroutine(t)),  # an instance with __call__
+        "a class, function, callable object or module",
     ),
 }
 
