@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from hookengine import Engine
+from hookengine.core.plugins import model_factory
 from hookengine.training.export import ExportError, ExportPlugin, export_models, export_run
 
 torch.set_num_threads(1)
@@ -163,6 +164,7 @@ def test_nn_linear_options_are_read_off_the_module_and_bad_layouts_are_named(run
 
 
 # ----------------------------------------------------------------------- Keras
+@model_factory
 def keras_classifier() -> Any:
     import keras
 
