@@ -210,6 +210,63 @@ def test_waiters_on_one_load_share_it_and_the_load_runs_outside_the_lock(tmp_pat
     cache.close()
 
 
+def test_a_model_just_loaded_is_not_evicted_before_its_waiter_wakes(tmp_path: Path) -> None:
+    """The reservation: a prefetch loads 'a' while a thread waits for it; right after the load,
+    before that thread wakes, the prefetch thread asks for 'b', which needs the room 'a' has.
+    'a' is pinned by its waiter, so 'b' waits; 'a' is loaded once and its waiter gets a hit."""
+    x = torch.randn(2, WIDTH)
+    a_model = build_tiny_mlp(WIDTH, 4, seed=6)
+    expected = a_model(x).detach()
+    calls: list[int] = []
+    waiter: list[threading.Thread] = []
+    seen: dict[str, Any] = {}
+
+    def factory() -> torch.nn.Module:
+        calls.append(1)
+        deadline = time.monotonic() + 5
+        while not waiter and time.monotonic() < deadline:
+            time.sleep(0.005)
+        seen["waiter parked during the load"] = bool(waiter) and _wait_parked(waiter[0])
+        return a_model
+
+    cache = ModelCache(budgets={"cpu": MODEL}, offload_dir=str(tmp_path), wait_timeout=10)  # room for one
+    cache.add("a", factory=factory)
+    cache.add("b", build_tiny_mlp(WIDTH, 4, seed=7))
+    cache.offload("b", "disk")
+
+    def right_after_the_load(future: Any) -> None:  # runs in the prefetch thread, as it finishes
+        seen["waiter still parked after the load"] = _parked(waiter[0])
+        try:
+            with cache.acquire("b", "cpu"):
+                seen["b"] = cache.tier("a")
+        except BaseException as exc:  # noqa: BLE001 - the test reads it
+            seen["b"] = exc
+
+    def use_a() -> bool:
+        with cache.acquire("a", "cpu") as m:
+            return torch.equal(m(x), expected)
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1.0)  # the prefetch thread runs on until it blocks: the waiter wakes after it
+    try:
+        future = cache.prefetch("a", "cpu")
+        future.add_done_callback(right_after_the_load)
+        threads, results = _run(use_a)
+        waiter.extend(threads)
+        _join(threads)
+        future.result(timeout=JOIN_S)
+        deadline = time.monotonic() + JOIN_S
+        while "b" not in seen and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        sys.setswitchinterval(switch)
+    assert seen.get("waiter parked during the load") and seen.get("waiter still parked after the load"), seen
+    assert results == {0: True}
+    assert seen["b"] == "disk"  # 'b' got its room only once the waiter had used 'a'
+    assert len(calls) == 1 and (cache.stats["hits"], cache.stats["misses"]) == (1, 2), cache.stats
+    cache.close()
+
+
 def test_a_thread_holding_a_model_elsewhere_is_told_at_once(tmp_path: Path) -> None:
     """Acquiring a model on another device while this thread uses it cannot be served by
     waiting (it would wait for itself): a clear error, at once."""

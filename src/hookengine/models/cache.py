@@ -169,7 +169,7 @@ def _nbytes(shape: tuple[int, ...], dtype: Any) -> int:
     return math.prod(shape) * dtype.itemsize
 
 
-@dataclass
+@dataclass(eq=False)  # entries compare by identity (they hold models)
 class _Entry:
     name: str
     model: Any
