@@ -229,3 +229,21 @@ def test_an_imagefolder_metadata_file_that_is_not_utf8_is_one_clear_error(tmp_pa
     engine.use("dataset", path="imagefolder", data_dir=str(folder))
     with pytest.raises(ValueError, match=r"imgs holds a file that is not valid UTF-8 \(byte 0xe9"):
         engine.fire("setup")
+
+
+def test_bucketing_leaves_images_over_max_pixels_out_of_the_plan(tmp_path: Path) -> None:
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    write_images(folder, [(64, 64)] * 4, captions=False)
+    Image.fromarray(np.zeros((200, 300, 3), dtype=np.uint8)).save(folder / "big.png")
+    _jpeg(folder / "big.jpg", 300, 200)  # a 1/2 scale brings it under the limit: kept
+    engine = Engine(seed=0, run_dir=tmp_path / "run")
+    data = engine.use("dataset", path="imagefolder", data_dir=str(folder), batch_size=5, max_pixels=20_000)
+    engine.use("bucketing", max_resolution=64)
+    batches = _run(engine)
+    assert [(Path(s["name"]).name, s["reason"]) for s in data.skipped] == [("big.png", "too many pixels")]
+    assert all(b["skipped"] == [] for b in batches)  # never planned into a batch
+    assert len({i for b in batches for i in b["index"].tolist()}) == 5  # 4 PNGs and the JPEG
+    report = json.loads((tmp_path / "run" / "buckets.json").read_text())
+    assert [Path(x["sample"]).name for x in report["left_out"]] == ["big.png"]

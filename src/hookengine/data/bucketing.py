@@ -261,8 +261,9 @@ class Bucketing:
         return self.assignment_for(epoch)
 
     # ------------------------------------------------------------------ sizes
-    def read_sizes(self, dataset: Any) -> tuple[np.ndarray, np.ndarray]:
-        """``(widths, heights)`` from columns, else from image headers (bad ones: 0)."""
+    def read_sizes(self, dataset: Any, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+        """``(widths, heights)`` from columns, else from image headers (bad ones: 0; so are
+        images over the dataset's ``max_pixels`` that it would not decode)."""
         columns = getattr(dataset, "column_names", None) or []
         if self.width_column in columns and self.height_column in columns:
             table = dataset.with_format("numpy")
@@ -274,9 +275,9 @@ class Bucketing:
                 f"bucketing: the data set has neither size columns ({self.width_column!r}, "
                 f"{self.height_column!r}) nor an image column {image_column!r}; its columns are {columns}"
             )
-        return self._header_sizes(dataset[image_column])
+        return self._header_sizes(dataset[image_column], self._option(None, "max_pixels", None, split))
 
-    def _header_sizes(self, sources: list[Any]) -> tuple[np.ndarray, np.ndarray]:
+    def _header_sizes(self, sources: list[Any], max_pixels: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         from concurrent.futures import ThreadPoolExecutor
 
         from .images import BadSampleError, describe_source, image_size
@@ -284,7 +285,7 @@ class Bucketing:
         def one(item: tuple[int, Any]) -> tuple[int, int]:
             index, source = item
             try:
-                return image_size(source, describe_source(source, f"sample {index}"))
+                return image_size(source, describe_source(source, f"sample {index}"), max_pixels)
             except BadSampleError as exc:
                 self.bad.append((index, exc.name, exc.reason))
                 return 0, 0
@@ -303,7 +304,7 @@ class Bucketing:
 
         self.bad = []
         self._data[split] = dataset
-        self.widths, self.heights = self.read_sizes(dataset)
+        self.widths, self.heights = self.read_sizes(dataset, split)
         self._cache.clear()
         assignment = self.assignment_for(0)
         self._report_unusable(assignment, split)

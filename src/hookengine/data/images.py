@@ -79,14 +79,35 @@ def _open_raw(source: Any, name: str) -> Any:
     raise BadSampleError(name, "no image", f"unsupported image value of type {type(source).__name__}")
 
 
-def image_size(source: Any, name: str | None = None) -> tuple[int, int]:
-    """``(width, height)`` from the header only (no pixel decoding)."""
+def image_size(source: Any, name: str | None = None, max_pixels: int | None = None) -> tuple[int, int]:
+    """``(width, height)`` from the header only (no pixel decoding).
+
+    With ``max_pixels``, an image that :func:`decode_image` would refuse ("too many
+    pixels": over the limit, and not a JPEG that a reduced scale brings under it) is
+    refused here already, before it is planned into a batch.
+    """
     name = name or describe_source(source)
     image = _open_raw(source, name)
     width, height = image.size
     if width <= 0 or height <= 0:
         raise BadSampleError(name, "zero size", f"{width}x{height}")
+    _limit_scale(width, height, _can_draft(image), max_pixels, name)
     return int(width), int(height)
+
+
+def _can_draft(image: Any) -> bool:
+    return getattr(image, "format", None) == "JPEG" and callable(getattr(image, "draft", None))
+
+
+def _limit_scale(width: int, height: int, can_draft: bool, max_pixels: int | None, name: str) -> int:
+    """The reduced scale (1, 2, 4, 8) that brings an image under ``max_pixels``, or refuse it."""
+    if max_pixels is None or width * height <= max_pixels:
+        return 1
+    fits = [s for s in (2, 4, 8) if -(-width // s) * -(-height // s) <= max_pixels] if can_draft else []
+    if not fits:
+        raise BadSampleError(name, "too many pixels",
+                             f"{width}x{height} = {width * height} pixels, over max_pixels={max_pixels}")
+    return fits[0]
 
 
 def open_image(
@@ -148,17 +169,12 @@ def decode_image(
 def _reduce(image: Any, name: str, max_pixels: int | None, min_size: Sequence[int] | None) -> None:
     """Ask the decoder for a reduced scale (JPEG's 1/2, 1/4, 1/8), or refuse the image."""
     width, height = image.size
-    can_draft = getattr(image, "format", None) == "JPEG" and callable(getattr(image, "draft", None))
+    can_draft = _can_draft(image)
     scale = 1
     if min_size is not None:  # the largest scale that still covers the size asked for
         want_w, want_h = max(1, int(min_size[0])), max(1, int(min_size[1]))
         scale = next(s for s in (8, 4, 2, 1) if width // s >= want_w and height // s >= want_h or s == 1)
-    if max_pixels is not None and width * height > max_pixels:
-        fits = [s for s in (2, 4, 8) if -(-width // s) * -(-height // s) <= max_pixels]
-        if not can_draft or not fits:
-            raise BadSampleError(name, "too many pixels",
-                                 f"{width}x{height} = {width * height} pixels, over max_pixels={max_pixels}")
-        scale = max(scale, fits[0])
+    scale = max(scale, _limit_scale(width, height, can_draft, max_pixels, name))
     if can_draft and scale > 1:
         # draft() may be called once; it picks the largest power of 2 <= min(w // rw, h // rh).
         image.draft(image.mode, (max(1, width // scale), max(1, height // scale)))
