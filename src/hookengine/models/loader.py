@@ -13,6 +13,10 @@ Hook points (the plugin :class:`ModelLoader` attaches the base implementations):
 - event ``model_loaded(name=, model=, spec=)``: the model is registered in
   ``state.models[name]`` before this fires, so a listener may patch it or replace that entry.
 
+A folder with ``hookengine_model.json`` (a plain torch module exported by
+:mod:`hookengine.training.export`) loads as kind ``torch``: the class it names, built with
+its options, and the weights from ``model.safetensors``.
+
 Safe by default: safetensors only (pickle refused unless ``allow_pickle=True`` for that
 load), ``trust_remote_code`` off unless asked.
 """

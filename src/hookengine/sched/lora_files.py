@@ -237,7 +237,7 @@ _TOKENIZER_FILES = (
 
 
 def task_type_of(model: Any) -> str | None:
-    """PEFT's ``task_type`` for a transformers model (``CAUSAL_LM``...), from its class name."""
+    """PEFT's ``task_type`` for a transformers model with a head (``CAUSAL_LM``...), from its class."""
     model = _groups.unwrap(model)
     if not type(model).__module__.startswith("transformers"):
         return None
@@ -248,7 +248,9 @@ def task_type_of(model: Any) -> str | None:
         for value in getattr(modeling_auto, table, {}).values():
             if name in (value if isinstance(value, (tuple, list)) else (value,)):
                 return task
-    return "FEATURE_EXTRACTION"
+    # A bare encoder (CLIPTextModel...): PEFT's FEATURE_EXTRACTION wrapper passes arguments
+    # such models do not take, so it stays a plain PeftModel.
+    return None
 
 
 def base_model_path(model: Any) -> str | None:
@@ -285,7 +287,7 @@ def _save_peft(parts: Mapping[str, Any], adapter: str, folder: Path) -> Path:
         weights = {_PEFT_PREFIX + k: v for k, v in adapter_state_dict(model, adapter).items()}
         _save_safetensors(weights, target / PEFT_WEIGHT_NAME)
         (target / PEFT_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
-        if task_type_of(model) is not None:
+        if type(_groups.unwrap(model)).__module__.startswith("transformers"):
             copy_tokenizer(base, target)
     return folder
 
