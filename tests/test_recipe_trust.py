@@ -23,6 +23,7 @@ from hookengine.recipe import (
     expand_run_dir,
     load_recipe,
     load_run_recipe,
+    save_run_recipe,
 )
 
 # A quick problem for runs: a linear classifier on 4 random features (no data download).
@@ -320,6 +321,9 @@ def test_a_run_records_its_resolved_recipe(tmp_path: Path, capfd: pytest.Capture
     assert "resume" not in saved["checkpoint"]  # how it was started, not what it is
     recipe = load_run_recipe(run_dir)
     assert recipe.plugins["model"]["model"] == "torch.nn:Linear" and recipe.trainer["lr"] == 0.05
+    # Re-read from the run folder (export does this) and recorded again: the same run.
+    save_run_recipe(recipe, run_dir)
+    assert "held a different recipe" not in capfd.readouterr().err and not (run_dir / "recipe.1.yaml").exists()
 
     # The same recipe again (a resume): nothing to say. Another one: the old file is kept.
     Engine().run(run_recipe(run_dir), overrides=["trainer.lr=0.05", "trainer.max_steps=3"])

@@ -455,15 +455,23 @@ def apply_recipe(engine: Any, recipe: Recipe) -> None:
 
 
 # ------------------------------------------------------------- the run's own recipe
-def run_recipe_data(recipe: Recipe) -> dict[str, Any]:
+def run_recipe_data(recipe: Recipe, run_dir: str | Path | None = None) -> dict[str, Any]:
     """The recipe as plain YAML data, as a run records it: ``run_dir`` filled in, the
-    import folders absolute, and without ``checkpoint.resume`` (how it was started, not
-    what the run is)."""
+    import folders absolute (the run folder itself left out), and without
+    ``checkpoint.resume`` (how it was started, not what the run is)."""
     data = _plain(recipe.model_dump(mode="python"))
-    data["run_dir"] = recipe.resolved_run_dir()
-    data["import_paths"] = [str(f) for f in recipe.folders]
+    data["run_dir"] = str(run_dir) if run_dir is not None else recipe.resolved_run_dir()
+    own = Path(data["run_dir"]).resolve()
+    data["import_paths"] = [str(f) for f in recipe.folders if f != own]
     data["checkpoint"] = {k: v for k, v in data.get("checkpoint", {}).items() if k != "resume"}
     return data
+
+
+def _what_runs(data: Any) -> Any:
+    """A recorded recipe without where it ran from (the folder may be moved or re-read)."""
+    if not isinstance(data, dict):
+        return data
+    return {k: v for k, v in data.items() if k not in ("run_dir", "import_paths")}
 
 
 def _plain(value: Any) -> Any:
@@ -488,7 +496,7 @@ def save_run_recipe(recipe: Recipe, run_dir: str | Path) -> Path:
     """
     folder = Path(run_dir)
     path = folder / RUN_RECIPE
-    data = run_recipe_data(recipe)
+    data = run_recipe_data(recipe, run_dir)
     text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
     if path.is_file():
         try:
@@ -497,15 +505,19 @@ def save_run_recipe(recipe: Recipe, run_dir: str | Path) -> Path:
             old = None
         if old == data:
             return path
-        n = 1
-        while (folder / f"recipe.{n}.yaml").exists():
+        if _what_runs(old) == _what_runs(data):  # the same run, started from elsewhere: update
+            n = 0
+        else:
+            n = 1
+        while n and (folder / f"recipe.{n}.yaml").exists():
             n += 1
-        path.rename(folder / f"recipe.{n}.yaml")
-        print(
-            f"hookengine: {path} held a different recipe (another run, or a resume with other settings); "
-            f"kept it as recipe.{n}.yaml",
-            file=sys.stderr,
-        )
+        if n:
+            path.rename(folder / f"recipe.{n}.yaml")
+            print(
+                f"hookengine: {path} held a different recipe (another run, or a resume with other settings); "
+                f"kept it as recipe.{n}.yaml",
+                file=sys.stderr,
+            )
     folder.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{RUN_RECIPE}.tmp")
     tmp.write_text(text, encoding="utf-8")
