@@ -189,7 +189,7 @@ class Checkpointing:
     def _read(self, path: Path) -> Any:
         """The tree of checkpoint ``path``, verified and checked in shape (CorruptCheckpointError)."""
         tree = load_tree(path)
-        _check_tree(path, tree)
+        _check_tree(path, tree, self.engine.state.clock)
         return tree
 
     def newest_valid(self, folder: Path) -> tuple[Path, Any]:
@@ -293,8 +293,9 @@ class Checkpointing:
 _TREE_TYPES = {"clock": dict, "metrics": dict, "models": dict, "optimizers": dict, "plugins": dict, "rng": dict}
 
 
-def _check_tree(path: Path, tree: Any) -> None:
-    """The top of a checkpoint's tree has the types the engine reads (before anything is loaded)."""
+def _check_tree(path: Path, tree: Any, clock: Any) -> None:
+    """The top of a checkpoint's tree has the types the engine reads (before anything is loaded):
+    mappings where mappings go, and clock values of the types of ``clock``'s."""
     where = f"checkpoint {path}: {_META}"
     if not isinstance(tree, dict):
         raise CorruptCheckpointError(f"{where} holds a {type(tree).__name__}, not a mapping")
@@ -304,8 +305,11 @@ def _check_tree(path: Path, tree: Any) -> None:
         if key in tree and not isinstance(tree[key], kind):
             raise CorruptCheckpointError(f"{where}: {key!r} is a {type(tree[key]).__name__}, expected a mapping")
     for key, value in tree["clock"].items():
-        if key != "phase" and (not isinstance(value, int) or isinstance(value, bool)):
+        current = getattr(clock, key, None)
+        if isinstance(current, int) and (not isinstance(value, int) or isinstance(value, bool)):
             raise CorruptCheckpointError(f"{where}: clock.{key} is {value!r}, expected an integer")
+        if isinstance(current, str) and not isinstance(value, str):
+            raise CorruptCheckpointError(f"{where}: clock.{key} is {value!r}, expected a string")
 
 
 def _one_line(text: Any) -> str:
