@@ -166,6 +166,8 @@ def test_unknown_or_missing_tracker_is_one_clear_line(run_dir: Path) -> None:
 
     with pytest.raises(ValueError, match=r"unknown tracker 'tensorbord' \(did you mean 'tensorboard'\?\)"):
         Engine().use("logging", log_with="tensorbord")
+    with pytest.raises(ValueError, match=r"'hookengine.training.trackers:flat_hparams' is not an accelerate.tracking.GeneralTracker"):
+        Engine().use("logging", log_with="hookengine.training.trackers:flat_hparams")
     missing = next((name for name, module in (("wandb", "wandb"), ("mlflow", "mlflow"), ("aim", "aim"))
                     if importlib.util.find_spec(module) is None), None)
     if missing is None:

@@ -42,8 +42,11 @@ def check_trackers(names: list[str], where: str = "logging.log_with") -> None:
 
     classes, available = _registry()
     for name in names:
-        if ":" in name or name == "all":
-            continue  # a custom tracker class, resolved when the run starts; or what is installed
+        if ":" in name:
+            _tracker_class(name)  # a class of one's own: importable and a GeneralTracker
+            continue
+        if name == "all":
+            continue  # whatever is installed
         if name not in classes:
             raise TrackerError(f"{where}: unknown tracker {name!r}{closest(name, sorted(classes))}; "
                                f"accelerate knows {sorted(classes)} (or give a module:attr GeneralTracker class)")
@@ -62,19 +65,13 @@ def start_trackers(
 ) -> list[Any]:
     """Create and start the named trackers (as ``Accelerator.init_trackers`` does) and store
     ``config`` as their hyperparameters. Call on the main process only."""
-    from accelerate.tracking import GeneralTracker
-
-    from ..core.plugins import resolve
-
     classes, available = _registry()
     options = options or {}
     if "all" in names:
         names = [n for n in names if n != "all"] + sorted(available - set(names))
     trackers = []
     for name in names:
-        cls = resolve(name) if ":" in name else classes[name]
-        if not (isinstance(cls, type) and issubclass(cls, GeneralTracker)):
-            raise TrackerError(f"logging.log_with: {name!r} is not an accelerate.tracking.GeneralTracker class")
+        cls = _tracker_class(name) if ":" in name else classes[name]
         kwargs = dict(options.get(name, {}))
         if getattr(cls, "requires_logging_directory", False):
             tracker = cls(project, str(logging_dir), **kwargs)
@@ -86,6 +83,18 @@ def start_trackers(
         for tracker in trackers:
             tracker.store_init_configuration(dict(config))
     return trackers
+
+
+def _tracker_class(reference: str) -> Any:
+    """The ``accelerate.tracking.GeneralTracker`` subclass a ``module:attr`` names (nothing is called)."""
+    from accelerate.tracking import GeneralTracker
+
+    from ..core.plugins import resolve
+
+    cls = resolve(reference, "any", "logging.log_with")
+    if not (isinstance(cls, type) and issubclass(cls, GeneralTracker)):
+        raise TrackerError(f"logging.log_with: {reference!r} is not an accelerate.tracking.GeneralTracker class")
+    return cls
 
 
 def flat_hparams(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
