@@ -215,6 +215,14 @@ def test_loss_plot_is_refreshed_during_the_run_and_shows_the_lr(run_dir: Path) -
 # --------------------------------------------------------------- the summary
 def test_summary_names_final_metrics_speed_and_outputs(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     engine = toy_engine(run_dir, {"every": 4}, {"checkpoint": {"every": 4}}, max_steps=8)
+
+    @engine.on("run_end")
+    def export(state: Any) -> None:  # what an adapter export at the end of a run leaves
+        folder = run_dir / "lora" / "default"
+        folder.mkdir(parents=True)
+        (folder / "adapter_model.safetensors").write_bytes(b"x" * 10)
+        (folder / "adapter_config.json").write_text("{}")
+
     engine.run()
     out = capsys.readouterr().out
     last = records(run_dir)[-1]  # the phase-end evaluation
@@ -224,6 +232,7 @@ def test_summary_names_final_metrics_speed_and_outputs(run_dir: Path, capsys: py
     assert f"val_loss {last['val_loss']:.4g}" in out
     assert re.search(rf"{re.escape(str(run_dir))}/checkpoints/ +2 checkpoints, newest step-00000008\n", out)
     assert f"{run_dir / 'metrics.jsonl'}" in out and f"{run_dir / 'loss.png'}" in out
+    assert re.search(rf"{re.escape(str(run_dir))}/lora/ +2 files: default\n", out)
     assert "stopped early" not in out
 
 
