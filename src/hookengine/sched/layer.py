@@ -23,12 +23,15 @@ trainable parameters on every rank (docs/TRAPS.md: DDP and structural changes).
 
 from __future__ import annotations
 
+import logging
+
 from typing import Any, Literal
 
 from ..core.plugins import closest
 from . import groups as _groups
 from .lr import resolve_length
 
+logger = logging.getLogger(__name__)
 __all__ = ["LayerScheduler"]
 
 
@@ -274,9 +277,11 @@ class LayerScheduler:
 
     # --------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        # The run length is kept so fractions mean the same steps after a resume.
+        # The run length is recorded to say so when a resumed run is longer or shorter.
         return {"total": self._run_length() if hasattr(self, "engine") else self.total_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("total") is not None:
-            self._total = state["total"]
+        # The recipe's length wins (as lr_sched): fractions follow an extended run.
+        saved, now = state.get("total"), self._run_length() if hasattr(self, "engine") else self.total_steps
+        if saved is not None and now is not None and saved != now:
+            logger.warning("layer_sched: run length changed on resume: %s → %s (the recipe wins over the checkpoint)", saved, now)
