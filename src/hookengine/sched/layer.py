@@ -24,15 +24,15 @@ trainable parameters on every rank (docs/TRAPS.md: DDP and structural changes).
 from __future__ import annotations
 
 import logging
-
 from typing import Any, Literal
 
 from ..core.plugins import closest
 from . import groups as _groups
 from .lr import resolve_length
 
-logger = logging.getLogger(__name__)
 __all__ = ["LayerScheduler"]
+
+logger = logging.getLogger(__name__)
 
 
 class LayerScheduler:
