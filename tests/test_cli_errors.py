@@ -183,3 +183,16 @@ def test_export_without_a_recorded_recipe_is_one_line(tmp_path: Path) -> None:
                             capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 2, result.stderr[-3000:]
     assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1, result.stderr
+
+
+def test_export_rebuilds_a_run_from_its_recorded_recipe(tmp_path: Path) -> None:
+    """run records RUN_DIR/recipe.yaml (its plugins next to the recipe); export rebuilds it
+    from another folder."""
+    run_dir = tmp_path / "run"
+    result = run_cli(tmp_path / "project", base(), run_dir=run_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TMPDIR": str(tmp_path), "PYTHONPATH": ""}
+    exported = subprocess.run([sys.executable, "-m", "hookengine", "export", str(run_dir), "--out", str(tmp_path / "out")],
+                              capture_output=True, text=True, env=env, cwd=tmp_path, timeout=180)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert "model -> " in exported.stdout and (tmp_path / "out" / "model").is_dir()

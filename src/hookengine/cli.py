@@ -197,7 +197,9 @@ def _export(args: argparse.Namespace) -> int:
     if export_run is None:
         raise RecipeError("export: hookengine.training.export has no export_run(run_dir, out, checkpoint)")
     result = export_run(args.run_dir, out=args.out, checkpoint=args.checkpoint)
-    print(f"exported {args.run_dir}" + (f" to {result}" if result is not None else ""))
+    if isinstance(result, dict):  # model name -> folder written
+        result = ", ".join(f"{name} -> {path}" for name, path in result.items())
+    print(f"exported {args.run_dir}" + (f": {result}" if result else ""))
     return 0
 
 
