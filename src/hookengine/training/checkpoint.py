@@ -275,10 +275,33 @@ class Checkpointing:
                 raise CheckpointError(f"checkpoint {folder} does not exist")
         if not (folder / _META).is_file():
             # Choose here, so wrappers of load_checkpoint (lora_sched) see the checkpoint itself.
-            chosen, tree = self.newest_valid(folder)
-            self._verified = (chosen, tree)
-            folder = chosen
+            self._verified = self._choose(folder)
+            folder = self._verified[0]
         self.engine.call("load_checkpoint", folder)
+
+    def _choose(self, folder: Path) -> tuple[Path, Any]:
+        """The newest valid checkpoint of ``folder``, chosen by the main process for all of them:
+        a rank that read a file differently must not resume from another step."""
+        runtime = self.engine.runtime
+        if not runtime.distributed:
+            return self.newest_valid(folder)
+        from accelerate.utils import broadcast_object_list
+
+        chosen: tuple[Path, Any] | None = None
+        message = ["", ""]  # [path, error]
+        if runtime.is_main_process:
+            try:
+                chosen = self.newest_valid(folder)
+                message[0] = str(chosen[0])
+            except CheckpointError as exc:
+                message[1] = str(exc)
+        broadcast_object_list(message, from_process=0)
+        if message[1]:
+            raise CheckpointError(message[1])
+        if chosen is None:
+            path = Path(message[0])
+            chosen = (path, self._read(path))
+        return chosen
 
     def _request(self, state: Any) -> None:
         # The loop serves the request after all step_end listeners (one save path).
