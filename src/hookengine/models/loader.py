@@ -14,8 +14,9 @@ Hook points (the plugin :class:`ModelLoader` attaches the base implementations):
   ``state.models[name]`` before this fires, so a listener may patch it or replace that entry.
 
 A folder with ``hookengine_model.json`` (a plain torch module exported by
-:mod:`hookengine.training.export`) loads as kind ``torch``: the class it names, built with
-its options, and the weights from ``model.safetensors``.
+:mod:`hookengine.training.export`) loads as kind ``torch``: the model class (or function
+marked ``@model_factory``) it names, built with its options, and the weights from
+``model.safetensors``; anything else it names is refused before it is called.
 
 Safe by default: safetensors only (pickle refused unless ``allow_pickle=True`` for that
 load), ``trust_remote_code`` off unless asked.
@@ -460,15 +461,22 @@ class ModelLoader:
         return model
 
     def _load_torch(self, target: Path, spec: ModelSpec) -> Any:
-        """A plain torch module: ``hookengine_model.json`` names the class (``module:Class``)
+        """A plain torch module: ``hookengine_model.json`` names the class or factory (``module:attr``)
         and its options; the weights are safetensors, loaded strictly."""
         from safetensors.torch import load_file
 
         meta = _read_json(target / TORCH_SPEC)
         if "class" not in meta:
             raise ModelLoadError(f"model {spec.display_name!r}: {target / TORCH_SPEC} names no 'class'")
-        cls = resolve_class(spec.cls if spec.cls is not None else meta["class"])
-        model = cls(**{**meta.get("options", {}), **spec.options})
+        reference = spec.cls if spec.cls is not None else meta["class"]
+        # A model class or a function marked @model_factory (what recipes' model: keys name).
+        from ..core.plugins import PluginError, resolve
+
+        try:
+            build = reference if isinstance(reference, type) else resolve(reference, "model", f"{TORCH_SPEC} class")
+        except (PluginError, ImportError) as exc:
+            raise ModelLoadError(f"model {spec.display_name!r}: cannot use {target / TORCH_SPEC}: {exc}") from exc
+        model = build(**{**meta.get("options", {}), **spec.options})
         weights = target / meta.get("weights", "model.safetensors")
         if not weights.is_file():
             raise ModelLoadError(f"model {spec.display_name!r}: {weights} is missing")
