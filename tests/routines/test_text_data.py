@@ -213,3 +213,13 @@ def test_a_recipe_trains_on_packed_chats_with_no_user_python(tiny_lm: Path, run_
     assert len(batches) == 2 and batches[0]["input_ids"].shape == (2, 16)
     labels = batches[0]["labels"]
     assert (labels == IGNORE_INDEX).any() and (labels != IGNORE_INDEX).any()  # user turns masked, answers learnt
+
+
+def test_token_ids_are_only_packed(tiny_lm: Path) -> None:
+    from datasets import Dataset
+
+    rows = [[1, 2, 3], [4, 5], [6, 7, 8, 9, 10]]
+    packed = TextData(block_size=4).tokenize(Dataset.from_dict({"input_ids": rows}))  # no tokenizer needed
+    assert packed["input_ids"] == [[1, 2, 3, 4], [5, 6, 7, 8]] == packed["labels"]
+    masked = TextData().tokenize(Dataset.from_dict({"input_ids": rows, "labels": [[-100, 2, 3], [4, 5], [6] * 5]}))
+    assert masked["labels"][0] == [-100, 2, 3] and masked["attention_mask"][1] == [1, 1]

@@ -30,7 +30,7 @@ from ..core.points import BASE_PRIORITY, Point
 __all__ = ["TextData", "group_texts", "tokenize_text", "tokenize_prompt_response", "tokenize_chat", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
-Format = Literal["auto", "text", "prompt_response", "chat"]
+Format = Literal["auto", "text", "prompt_response", "chat", "tokens"]
 
 
 # ---------------------------------------------------------------- pure functions
@@ -131,7 +131,12 @@ def tokenize_chat(tokenizer: Any, conversations: Sequence[list[dict[str, Any]]],
 def _tokenize_batch(examples: dict[str, list[Any]], *, tokenizer: Any, format: str, columns: dict[str, str],
                     add_eos: bool, mask_prompt: bool, max_length: int | None) -> dict[str, list[list[int]]]:
     """The ``datasets.map`` function (module level: ``datasets`` hashes it for its cache)."""
-    if format == "text":
+    if format == "tokens":  # already token ids: complete the mask and the labels
+        ids = [list(row) for row in examples["input_ids"]]
+        out = {"input_ids": ids,
+               "attention_mask": [list(r) for r in examples.get("attention_mask") or [[1] * len(r) for r in ids]],
+               "labels": [list(r) for r in examples.get("labels") or ids]}
+    elif format == "text":
         out = tokenize_text(tokenizer, examples[columns["text"]], add_eos)
     elif format == "prompt_response":
         out = tokenize_prompt_response(tokenizer, examples[columns["prompt"]], examples[columns["response"]],
@@ -174,9 +179,11 @@ class TextData:
         tokenizer: a tokenizer folder (``AutoTokenizer.from_pretrained``); default: the
             folder the model ``state.models[model]`` was loaded from.
         model: the model's name in ``state.models`` (for the default tokenizer).
-        format: ``text``, ``prompt_response``, ``chat``, or ``auto``: ``chat`` when the
-            data set has ``messages_column``, else ``prompt_response`` when it has both
-            ``prompt_column`` and ``response_column``, else ``text``.
+        format: ``text``, ``prompt_response``, ``chat``, ``tokens`` (already tokenized:
+            ``input_ids``, maybe ``labels``/``attention_mask``; only packed and padded), or
+            ``auto``: ``chat`` when the data set has ``messages_column``, else
+            ``prompt_response`` when it has both ``prompt_column`` and ``response_column``,
+            else ``text`` when it has ``text_column``, else ``tokens`` when it has ``input_ids``.
         text_column, prompt_column, response_column, messages_column: the columns read.
         block_size: pack the tokens into blocks of this many (``run_clm``'s
             ``group_texts``; the remainder of each map batch is dropped); ``None``:
@@ -261,15 +268,18 @@ class TextData:
     def resolve_format(self, columns: Sequence[str]) -> str:
         """The format from the option and the data set's columns (``auto``)."""
         c = self.columns
-        needs = {"text": [c["text"]], "prompt_response": [c["prompt"], c["response"]], "chat": [c["messages"]]}
+        needs = {"text": [c["text"]], "prompt_response": [c["prompt"], c["response"]], "chat": [c["messages"]],
+                 "tokens": ["input_ids"]}
         fmt = self.format
         if fmt == "auto":
-            fmt = next((f for f in ("chat", "prompt_response", "text") if all(n in columns for n in needs[f])), "")
+            formats = ("chat", "prompt_response", "text", "tokens")
+            fmt = next((f for f in formats if all(n in columns for n in needs[f])), "")
         if not fmt or any(n not in columns for n in needs[fmt]):
             raise KeyError(
                 f"text: the data set has columns {sorted(columns)}; format {self.format!r} reads "
                 + (f"{needs[fmt]}" if fmt else f"text.text_column={c['text']!r}, text.prompt_column={c['prompt']!r} "
-                   f"with text.response_column={c['response']!r}, or text.messages_column={c['messages']!r}")
+                   f"with text.response_column={c['response']!r}, text.messages_column={c['messages']!r} "
+                   "or token ids ('input_ids')")
             )
         return fmt
 
@@ -281,7 +291,7 @@ class TextData:
         if not columns:  # a stream without known features: look at the first record
             columns = list(next(iter(data)).keys())
         fmt = self.resolve_format(columns)
-        tokenizer = self.load_tokenizer()
+        tokenizer = self.load_tokenizer() if fmt != "tokens" else None
         if fmt == "chat" and not getattr(tokenizer, "chat_template", None):
             raise ValueError("text: format 'chat' needs a tokenizer with a chat template (tokenizer.chat_template)")
         add_eos = self.add_eos if self.add_eos is not None else (fmt == "prompt_response" or self.block_size is not None)

@@ -98,7 +98,7 @@ class DiffusionRoutine(Routine):
         Point("prepare_captions", "slot", ("captions", "train"),
               "The captions a batch is conditioned on (training: caption dropout, tag shuffling).", "diffusion"),
         Point("encode_captions", "slot", ("captions",),
-              "Token ids -> text embeddings (hidden, pooled) with the pipeline's tokenizers and encoders.", "diffusion"),
+              "Captions -> text embeddings (.hidden, .pooled) with the pipeline's tokenizers and encoders.", "diffusion"),
     ]
 
     def __init__(
@@ -270,7 +270,7 @@ class DiffusionRoutine(Routine):
                 f"diffusion: no model {self.names['unet']!r} in state.models; give pipeline=, "
                 "model= (a module:attr factory) or load one with model_loader"
             )
-        return resolve(self.model_ref)(**self.model_options)
+        return resolve(self.model_ref, "model", "diffusion.model")(**self.model_options)
 
     def _make_scheduler(self, state: Any) -> Any:
         """The training noise scheduler from the option, the pipeline, or a default."""
