@@ -35,8 +35,13 @@ class KerasRoutine(Routine):
     regularisation losses) on batches of (inputs, targets).
 
     Args:
-        model: ``module:attr`` of a function (or class) that returns a Keras model.
-        model_options: keyword arguments for it.
+        model: the Keras model: ``module:attr`` of a function (or class) that returns one;
+            a ``.keras`` file to fine-tune (``keras.saving.load_model``); or the model's
+            Keras config as data (``{"class_name": "Sequential", "config": {"layers":
+            [...]}}``, what ``model.get_config()`` / ``keras.saving.serialize_keras_object``
+            give), so a recipe describes a model without a line of Python. Files and
+            configs load in Keras' ``safe_mode`` (no lambdas: no code from data).
+        model_options: keyword arguments for the function.
         model_name: the model's name in ``state.models``.
         loss: a Keras loss (a name, or ``{"class_name": ..., "config": {...}}``); the model is
             compiled with it. Without it the factory must return a compiled model.
@@ -60,7 +65,7 @@ class KerasRoutine(Routine):
 
     def __init__(
         self,
-        model: str,
+        model: str | dict[str, Any],
         model_options: dict[str, Any] | None = None,
         model_name: str = "model",
         loss: str | dict[str, Any] | None = None,
@@ -99,12 +104,10 @@ class KerasRoutine(Routine):
 
     def make_model(self) -> Any:
         """Build (and compile, when a loss is given) the Keras model."""
-        from ..core.plugins import resolve
-
         keras = import_keras()
         if self.seed is not None:
             keras.utils.set_random_seed(self.seed)
-        model = resolve(self.model_ref, "model", "keras.model")(**self.model_options)
+        model = self._load_or_build(keras)
         if not isinstance(model, keras.Model):
             raise TypeError(f"keras.model: {self.model_ref!r} returned {type(model).__name__}, not a keras.Model")
         if self.input_shape is not None and not model.built:
@@ -124,6 +127,24 @@ class KerasRoutine(Routine):
         if not model.built:
             raise ValueError(f"keras: the model from {self.model_ref!r} is not built; give keras.input_shape")
         return model
+
+    def _load_or_build(self, keras: Any) -> Any:
+        """The model from a config mapping, a ``.keras`` file or a ``module:attr`` factory."""
+        from ..core.plugins import resolve
+
+        source = self.model_ref
+        if isinstance(source, dict):
+            try:
+                # Keras' own configs name the module; hand-written ones may leave it out.
+                models = {"Sequential": keras.Sequential, "Functional": keras.Model, "Model": keras.Model}
+                return keras.saving.deserialize_keras_object(source, custom_objects=models, safe_mode=True)
+            except Exception as exc:  # Keras raises many types for a bad config
+                raise ValueError(f"keras.model: the config does not describe a Keras model: {type(exc).__name__}: {exc}") from exc
+        if str(source).endswith(".keras"):
+            if not os.path.isfile(source):
+                raise FileNotFoundError(f"keras.model: no file {source!r}")
+            return keras.saving.load_model(source, safe_mode=True)
+        return resolve(source, "model", "keras.model")(**self.model_options)
 
     def _split(self, batch: Any) -> tuple[Any, Any]:
         x, y = batch[self.inputs], batch[self.targets]
