@@ -227,7 +227,7 @@ class Checkpointing:
             self.engine.load_state_dict(tree)
         except CheckpointError:
             raise
-        except (KeyError, TypeError, RuntimeError) as exc:
+        except (KeyError, TypeError, AttributeError, IndexError, RuntimeError) as exc:
             text = exc.args[0] if isinstance(exc, KeyError) and len(exc.args) == 1 else exc
             raise CheckpointError(f"checkpoint {path}: {_META} does not fit this run: {_one_line(text)}") from exc
         runtime = self.engine.runtime
@@ -277,7 +277,10 @@ class Checkpointing:
             # Choose here, so wrappers of load_checkpoint (lora_sched) see the checkpoint itself.
             self._verified = self._choose(folder)
             folder = self._verified[0]
-        self.engine.call("load_checkpoint", folder)
+        try:
+            self.engine.call("load_checkpoint", folder)
+        finally:
+            self._verified = None  # not kept alive if a wrapper loaded something else
 
     def _choose(self, folder: Path) -> tuple[Path, Any]:
         """The newest valid checkpoint of ``folder``, chosen by the main process for all of them:
