@@ -30,7 +30,6 @@ from ..core.points import BASE_PRIORITY, Point
 __all__ = ["TextData", "group_texts", "tokenize_text", "tokenize_prompt_response", "tokenize_chat", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
-Format = Literal["auto", "text", "prompt_response", "chat", "tokens"]
 
 
 # ---------------------------------------------------------------- pure functions
@@ -207,7 +206,7 @@ class TextData:
         self,
         tokenizer: str | None = None,
         model: str = "model",
-        format: Format = "auto",
+        format: Literal["auto", "text", "prompt_response", "chat", "tokens"] = "auto",
         text_column: str = "text",
         prompt_column: str = "prompt",
         response_column: str = "response",
