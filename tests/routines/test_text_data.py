@@ -223,3 +223,13 @@ def test_token_ids_are_only_packed(tiny_lm: Path) -> None:
     assert packed["input_ids"] == [[1, 2, 3, 4], [5, 6, 7, 8]] == packed["labels"]
     masked = TextData().tokenize(Dataset.from_dict({"input_ids": rows, "labels": [[-100, 2, 3], [4, 5], [6] * 5]}))
     assert masked["labels"][0] == [-100, 2, 3] and masked["attention_mask"][1] == [1, 1]
+
+
+def test_a_stream_is_packed_as_the_loaded_data_set(tiny_lm: Path, tmp_path: Path) -> None:
+    from datasets import load_dataset
+
+    data = write_jsonl(tmp_path / "t.jsonl", [{"text": t} for t in TEXTS * 2])
+    text = plugin(tokenizer_of(tiny_lm), block_size=8, pack_batch_size=5)
+    loaded = text.tokenize(load_dataset("json", data_files=str(data), split="train"))
+    streamed = text.tokenize(load_dataset("json", data_files=str(data), split="train", streaming=True))
+    assert [row["input_ids"] for row in streamed] == loaded["input_ids"]
