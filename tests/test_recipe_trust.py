@@ -248,7 +248,7 @@ def test_a_model_folder_cannot_name_a_command_as_its_class(tmp_path: Path) -> No
     folder.mkdir()
     spec = {"class": "os:system", "options": {"command": f"touch {marker}"}}
     (folder / "hookengine_model.json").write_text(json.dumps(spec))
-    with pytest.raises(ModelLoadError, match="'os:system' is not a model class"):
+    with pytest.raises(ModelLoadError, match="'os:system' is not a model"):
         load_model(str(folder), kind="torch")
     assert not marker.exists()
 
