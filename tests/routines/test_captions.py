@@ -280,3 +280,17 @@ def test_caption_slots_can_be_wrapped(tiny_sd: Path, run_dir: Path) -> None:
     engine.call("compute_loss", {"pixel_values": torch.zeros((2, 3, 32, 32)), "caption": ["a, b, c", "d"]})
     assert seen[0][0].startswith("sks, a, ") and sorted(seen[0][0].split(", ")[2:]) == ["b", "c"]
     assert seen[0][1] == "sks, d"
+
+
+def test_a_trained_text_encoder_gets_gradients_through_captions(tiny_sd: Path, run_dir: Path) -> None:
+    from hookengine import Engine
+
+    engine = Engine(seed=0, run_dir=run_dir)
+    routine = engine.use(DIFFUSION, name="diffusion", pipeline=str(tiny_sd), train_text_encoder=True,
+                         cache_text_embeddings=True, caption_dropout=1.0, seed=0)
+    engine.fire("setup")
+    loss = engine.call("compute_loss", {"pixel_values": torch.zeros((2, 3, 32, 32)), "caption": ["a", "b"]})
+    loss.backward()
+    grads = [p.grad for p in engine.state.models["text_encoder"].parameters()]
+    assert any(g is not None and bool(g.abs().sum() > 0) for g in grads)
+    assert routine.text_encoders is not None and not routine.text_encoders.frozen and not routine.text_encoders.memo
