@@ -12,7 +12,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Routine", "samples_path"]
+__all__ = ["Routine", "samples_path", "built_by"]
+
+
+def built_by(model: Any, reference: Any, options: dict[str, Any]) -> Any:
+    """Tag ``model`` with the recipe reference (``module:attr``) and options that built it.
+
+    The export writes them into the model's ``hookengine_model.json``, so ``model_loader``
+    rebuilds a model made by a factory function (which its class alone cannot name).
+    """
+    if isinstance(reference, str):
+        try:
+            object.__setattr__(model, "hookengine_factory", {"class": reference, "options": dict(options)})
+        except (AttributeError, TypeError):  # objects that refuse new attributes stay untagged
+            pass
+    return model
 
 
 def samples_path(state: Any, extension: str) -> Path:

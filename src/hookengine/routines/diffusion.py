@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..core.points import BASE_PRIORITY, Point
-from .base import Routine, samples_path
+from .base import Routine, built_by, samples_path
 from .captions import TextEncoders, prepare_captions
 
 __all__ = ["DiffusionRoutine", "image_grid", "save_image_grid", "samples_path"]
@@ -270,7 +270,8 @@ class DiffusionRoutine(Routine):
                 f"diffusion: no model {self.names['unet']!r} in state.models; give pipeline=, "
                 "model= (a module:attr factory) or load one with model_loader"
             )
-        return resolve(self.model_ref, "model", "diffusion.model")(**self.model_options)
+        denoiser = resolve(self.model_ref, "model", "diffusion.model")(**self.model_options)
+        return built_by(denoiser, self.model_ref, self.model_options)
 
     def _make_scheduler(self, state: Any) -> Any:
         """The training noise scheduler from the option, the pipeline, or a default."""

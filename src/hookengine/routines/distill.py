@@ -17,7 +17,7 @@ import weakref
 from typing import Any, Callable, Iterator
 
 from ..core.hooks import HookError
-from .base import Routine
+from .base import Routine, built_by
 
 __all__ = ["Distillation", "kd_loss"]
 
@@ -108,7 +108,8 @@ class Distillation(Routine):
         if self.student_name not in state.models:
             if self.model_ref is None:
                 raise ValueError(f"distill: no student {self.student_name!r} in state.models; give model= (a module:attr factory)")
-            state.models[self.student_name] = resolve(self.model_ref, "model", "distill.model")(**self.model_options)
+            factory = resolve(self.model_ref, "model", "distill.model")
+            state.models[self.student_name] = built_by(factory(**self.model_options), self.model_ref, self.model_options)
         for name in self.teacher_weights:
             teacher = self._teacher_object(name)
             teacher.requires_grad_(False)  # never in the optimizer, never a graph

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..core.plugins import resolve
-from .base import Routine
+from .base import Routine, built_by
 
 __all__ = ["Supervised"]
 
@@ -60,7 +60,7 @@ class Supervised(Routine):
     def build(self, state: Any) -> None:
         import torch
 
-        state.models[self.model_name] = self.factory(**self.model_options)
+        state.models[self.model_name] = built_by(self.factory(**self.model_options), self.model_ref, self.model_options)
         if self.loss_target is not None:
             self.loss_fn = self.loss_target
         else:

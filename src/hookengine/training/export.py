@@ -159,7 +159,8 @@ def _export_model(name: str, model: Any, folder: Path, spec: dict[str, Any] | No
 def _export_torch(name: str, model: Any, folder: Path, spec: dict[str, Any] | None) -> Path:
     from safetensors.torch import save_file
 
-    spec = dict(spec or _constructor(name, model))
+    # A model a recipe's factory built carries its reference (routines.base.built_by).
+    spec = dict(spec or getattr(model, "hookengine_factory", None) or _constructor(name, model))
     tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, str(folder / TORCH_WEIGHTS), metadata={"format": "pt"})
     (folder / TORCH_SPEC).write_text(json.dumps({"format": "torch", "weights": TORCH_WEIGHTS, **spec}, indent=2))
