@@ -204,7 +204,9 @@ class MetricsLogger:
         # Keep what was measured before the failure: the plot and the outputs are still useful.
         try:
             self._plot(state)
-            self._note_end(state, f"failed ({type(error).__name__})")
+            # A SystemExit (a signal's graceful stop) ended the run on purpose: not a failure.
+            outcome = "stopped" if isinstance(error, SystemExit) else f"failed ({type(error).__name__})"
+            self._note_end(state, outcome)
         except Exception:  # noqa: BLE001 - never mask the original error
             pass
 

@@ -18,10 +18,12 @@ def final_metrics(state: Any) -> dict[str, float]:
         value = as_number(value)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             values[key] = value
-    for name, optimizer in state.optimizers.items():
-        groups = getattr(optimizer, "param_groups", None)
-        if groups:
-            values[f"lr/{name}"] = float(as_number(groups[0]["lr"]))
+    optimizers = {n: o for n, o in state.optimizers.items() if getattr(o, "param_groups", None)}
+    for name, optimizer in optimizers.items():
+        lr = float(as_number(optimizer.param_groups[0]["lr"]))
+        if len(optimizers) == 1 and values.get("lr") == lr:
+            continue  # the logged lr already says it
+        values[f"lr/{name}"] = lr
     train = {k: v for k, v in values.items() if not k.startswith("val_")}
     return {**train, **{k: v for k, v in values.items() if k.startswith("val_")}}
 
@@ -47,8 +49,8 @@ def describe_outputs(run_dir: str | Path | None) -> list[tuple[str, str]]:
             rows.append((f"{entry}/", f"{len(steps)} checkpoint{'s' * (len(steps) != 1)}, newest {steps[-1]}"))
             continue
         files = [p for p in entry.rglob("*") if p.is_file() and not p.name.startswith(".")]
-        shown = ", ".join(p.name for p in children[:3]) + (", ..." if len(children) > 3 else "")
-        rows.append((f"{entry}/", f"{len(files)} file{'s' * (len(files) != 1)}: {shown}" if files else "empty"))
+        shown = ", ".join(p.name + "/" * p.is_dir() for p in children[:3]) + (", ..." if len(children) > 3 else "")
+        rows.append((f"{entry}/", f"{len(files)} file{'s' * (len(files) != 1)} in {shown}" if files else "empty"))
     return rows
 
 
