@@ -221,7 +221,8 @@ def _command(args: argparse.Namespace) -> int:
         _print_hooks(engine)
         return 0
     engine.run()
-    print(f"run finished at step {engine.state.clock.step}; results in {engine.state.run_dir}")
+    if not getattr(engine.plugins.get("logging"), "summary", False):  # else the summary said it
+        print(f"run finished at step {engine.state.clock.step}; results in {engine.state.run_dir}")
     return 0
 
 
