@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Run the multi-process tests N times in a row (default 20); a flaky test is a broken test.
+# Run the multi-process and threading tests N times in a row (default 20); a flaky test is a broken test.
 # Usage: bash scripts/flaky_check.sh [N]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 runs="${1:-20}"
 passed=0
 for i in $(seq 1 "$runs"); do
-  if .venv/bin/python -m pytest -q -p no:cacheprovider -m multiprocess \
+  if .venv/bin/python -m pytest -q -p no:cacheprovider -m "multiprocess or threads" \
        --deselect tests/multiproc/test_ddp.py::test_a_dying_rank_stops_the_others_in_bounded_time \
        --deselect tests/multiproc/test_ddp.py::test_resume_under_two_processes_and_with_a_different_count \
        tests > "${TMPDIR:-/tmp}/flaky_$i.log" 2>&1; then

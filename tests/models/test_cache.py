@@ -150,6 +150,7 @@ def test_prefetch_moves_the_next_model_in_another_thread(three) -> None:
     assert cache.stats["hits"] == hits + 1
 
 
+@pytest.mark.threads
 @pytest.mark.parametrize("round_", range(3))
 def test_concurrent_acquire_from_several_threads_is_safe(tmp_path: Path, round_: int) -> None:
     """Four threads, 25 acquires each over four models with room for two, all started at once:

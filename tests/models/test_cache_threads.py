@@ -22,6 +22,8 @@ WIDTH = 32
 MODEL = 4 * (WIDTH * WIDTH + WIDTH) * 4  # bytes of build_tiny_mlp(WIDTH, 4) in float32
 JOIN_S = 10.0  # far above what any of these tests needs; a thread still alive after it is stuck
 
+pytestmark = pytest.mark.threads  # in scripts/flaky_check.sh
+
 
 def _run(*targets: Callable[[], Any]) -> tuple[list[threading.Thread], dict[int, Any]]:
     """Start one daemon thread per target; results[i] is its return value or its exception."""
