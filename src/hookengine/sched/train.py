@@ -16,6 +16,7 @@ In a recipe, the top-level ``phases:`` is the short form of ``train_sched.phases
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 from typing import Any
 
@@ -23,7 +24,7 @@ from ..core.plan import Phase, plan_settings
 from ..core.plugins import PluginError, closest, resolve
 from ..core.points import BASE_PRIORITY
 
-__all__ = ["TrainScheduler"]
+__all__ = ["TrainScheduler", "optimizer_class", "kernel_options"]
 
 
 class TrainScheduler:
@@ -35,8 +36,17 @@ class TrainScheduler:
         epochs: length of the default phase in epochs (when ``phases`` is not given).
         max_steps: optimizer steps of the default phase, and a cap on the whole run.
         gradient_accumulation_steps: batches per optimizer step (a phase may override it).
-        optimizer: the default optimizer, a ``torch.optim`` class name or ``module:attr``.
+        optimizer: the default optimizer, a ``torch.optim`` class name, a bitsandbytes 8-bit
+            optimizer name (``AdamW8bit``, ``Adam8bit``, ``PagedAdamW8bit``, ``Lion8bit``,
+            ``SGD8bit``: needs the package ``bitsandbytes``), a schedule-free name
+            (``AdamWScheduleFree``: needs ``schedulefree``) or ``module:attr``
+            (``bitsandbytes.optim:AdamW8bit``).
         lr, weight_decay, optimizer_options: its arguments (optim_sched replaces it).
+            ``optimizer_options`` pass through to the optimizer (``{fused: true}``,
+            ``{foreach: false}``, ``betas``...); ``fused: auto`` or ``foreach: auto`` picks
+            the fused kernels when the run's device is CUDA and every parameter is floating
+            point (and none is kept on an offload device by ``block_swap``), and ``foreach``
+            otherwise (for optimizers that take those arguments).
 
     >>> from hookengine import Engine
     >>> engine = Engine()
@@ -127,13 +137,12 @@ class TrainScheduler:
         import torch
 
         plan = self.engine.state.plan
-        name = plan.optimizer
-        cls = getattr(torch.optim, name, None) if ":" not in name else resolve(name, "optimizer", "train_sched.optimizer")
-        if cls is None:
-            names = [n for n in dir(torch.optim) if n[:1].isupper()]
-            raise ValueError(f"train_sched.optimizer: unknown optimizer {name!r}{closest(name, names)}")
+        cls = optimizer_class(plan.optimizer)
         params = [p for m in models.values() if hasattr(m, "parameters") for p in m.parameters() if p.requires_grad]
-        return cls(params, lr=plan.lr, weight_decay=plan.weight_decay, **plan.optimizer_options)
+        options = plan.optimizer_options
+        if "auto" in (options.get("fused"), options.get("foreach")):
+            options = kernel_options(cls, params, options, self.engine.runtime.device)
+        return cls(params, lr=plan.lr, weight_decay=plan.weight_decay, **options)
 
     def _epoch_batches(self, next_impl: Any, loader: Any, epoch: int, start_batch: int) -> Any:
         """The batches of one epoch from ``start_batch`` on (resume mid-epoch)."""
@@ -152,3 +161,45 @@ class TrainScheduler:
 
 def _trainable(models: dict[str, Any]) -> bool:
     return any(p.requires_grad for m in models.values() if hasattr(m, "parameters") for p in m.parameters())
+
+
+def optimizer_class(name: str, where: str = "train_sched.optimizer") -> Any:
+    """The optimizer class for a ``torch.optim`` name, a known extra's name (``AdamW8bit``: see
+    ``optim_sched``'s ``EXTRA_OPTIMIZERS``) or a ``module:attr``; one line naming the package
+    when an extra is not installed."""
+    from .optim import optimizer_class as named
+
+    module = name.partition(":")[0] if ":" in name else ""
+    if module and importlib.util.find_spec(module.split(".")[0]) is None:
+        raise ValueError(f"{where}: {name!r} needs the package {module.split('.')[0]!r}, which is not installed here")
+    try:
+        return named(name)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+
+
+def kernel_options(cls: Any, params: list[Any], options: dict[str, Any], device: Any) -> dict[str, Any]:
+    """``options`` with ``fused: auto`` / ``foreach: auto`` decided for these parameters.
+
+    Fused kernels when ``device`` is CUDA and every parameter is floating point and not kept
+    on an offload device (``block_swap`` marks those ``_hookengine_offloaded``); ``foreach``
+    otherwise. Options without ``auto`` pass through unchanged.
+
+    >>> import torch
+    >>> kernel_options(torch.optim.AdamW, [torch.zeros(2)], {"fused": "auto", "betas": (0.9, 0.99)}, torch.device("cpu"))
+    {'betas': (0.9, 0.99), 'foreach': True}
+    """
+    if options.get("fused") != "auto" and options.get("foreach") != "auto":
+        return dict(options)
+    import inspect
+
+    out = {k: v for k, v in options.items() if k not in ("fused", "foreach")}
+    accepted = inspect.signature(cls).parameters
+    fused = getattr(device, "type", str(device)) == "cuda" and all(
+        p.is_floating_point() and not getattr(p, "_hookengine_offloaded", False) for p in params
+    )
+    if fused and "fused" in accepted:
+        out["fused"] = True
+    elif "foreach" in accepted:
+        out["foreach"] = True
+    return out
