@@ -1,7 +1,7 @@
 """Gradient (activation) checkpointing: recompute activations in backward instead of keeping them.
 
 A diffusers model (``enable_gradient_checkpointing()``) or a transformers model
-(``gradient_checkpointing_enable()``) is switched with the library's own switch, which knows
+(``activation_checkpointing_enable()``, formerly ``gradient_checkpointing_enable()``) is switched with the library's own switch, which knows
 where its blocks are. Any other model, or a chosen part of one, is checkpointed by module
 name patterns (the syntax of ``engine.hook_module``): the matched modules' ``forward`` runs
 inside ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)`` while training with
@@ -33,10 +33,14 @@ def _library_model(model: Any) -> Any:
 def enable_library_checkpointing(model: Any) -> str | None:
     """Switch on the model's own gradient checkpointing; the switch's name, or None when it has none."""
     target = _library_model(model)
+    # transformers: non-reentrant, so frozen inputs (LoRA on a frozen base) still get gradients.
+    # Newer releases renamed the switch (the old name warns that it goes away in v6).
+    if callable(getattr(target, "activation_checkpointing_enable", None)) and target.supports_gradient_checkpointing:
+        target.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        return "activation_checkpointing_enable"
     if callable(getattr(target, "gradient_checkpointing_enable", None)) and getattr(
         target, "supports_gradient_checkpointing", True
     ):
-        # transformers: non-reentrant, so frozen inputs (LoRA on a frozen base) still get gradients.
         target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return "gradient_checkpointing_enable"
     if callable(getattr(target, "enable_gradient_checkpointing", None)) and getattr(

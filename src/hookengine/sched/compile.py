@@ -2,9 +2,11 @@
 
 Both compile *in place* with ``module.compile()``: the module objects, their names and
 ``state_dict`` keys stay as they are, so checkpoints, exports, module hooks
-(``engine.hook_module``) and PEFT adapters keep working. Dynamo guards on the modules' hook
-dictionaries and children, so a hook added or an adapter injected after compilation causes a
-recompilation, never a stale graph (tests/sched/test_memory.py checks both).
+(``engine.hook_module``) and PEFT adapters keep working. Dynamo guards on the modules'
+children, so an adapter injected after compilation recompiles; it guards on their hook
+dictionaries only with ``torch._dynamo.config.skip_nnmodule_hook_guards = False`` (torch's
+default is True: a hook added after compilation is silently ignored), which the ``memory``
+plugin sets when it compiles (tests/sched/test_memory.py checks both).
 
 *Regional* compilation (diffusers' ``compile_repeated_blocks``) compiles each block of the
 classes a model lists in ``_repeated_blocks`` (diffusers) or ``_no_split_modules``

@@ -40,7 +40,8 @@ class MemoryPlugin:
     Args:
         gradient_checkpointing: ``true``: every trainable model through its library's own
             switch (diffusers ``enable_gradient_checkpointing()``, transformers
-            ``gradient_checkpointing_enable()``, non-reentrant); a list of ``MODEL.PATH``
+            ``activation_checkpointing_enable()`` or, before it, ``gradient_checkpointing_enable()``;
+            non-reentrant); a list of ``MODEL.PATH``
             patterns (the syntax of ``engine.hook_module``: ``*`` one name, ``**`` any number):
             those modules' forward runs under ``torch.utils.checkpoint.checkpoint(...,
             use_reentrant=False)``; or per model, ``{model: true | [PATH patterns]}``. Only
@@ -50,7 +51,8 @@ class MemoryPlugin:
             ``blocks`` compiles each of its repeated blocks in place (the classes in
             ``_repeated_blocks``, diffusers, or ``_no_split_modules``, transformers; or the
             modules matching ``compile_blocks``), as diffusers' ``compile_repeated_blocks``.
-            Module hooks and adapters added after compilation trigger a recompilation.
+            Module hooks (see ``compile_guard_hooks``) and adapters added after compilation
+            trigger a recompilation.
         compile_models: the models to compile (default: every trainable model).
         compile_blocks: ``MODEL.PATH`` patterns of the blocks to compile with ``compile:
             blocks`` (instead of the model's repeated-block classes).
@@ -58,6 +60,11 @@ class MemoryPlugin:
             ``reduce-overhead``, ``max-autotune``, ``max-autotune-no-cudagraphs``),
             ``dynamic``, ``backend`` (``inductor``; ``eager``/``aot_eager`` to debug),
             ``fullgraph``, ``options``.
+        compile_guard_hooks: make compiled code guard on module hooks
+            (``torch._dynamo.config.skip_nnmodule_hook_guards = False``, process-wide), so
+            a hook added or removed after compilation (``engine.hook_module``) recompiles
+            instead of being silently ignored (torch's default skips those guards for a
+            little speed). Adapters injected later recompile either way.
     """
 
     name = "memory"
@@ -69,12 +76,14 @@ class MemoryPlugin:
         compile_models: list[str] | None = None,
         compile_blocks: list[str] | None = None,
         compile_options: dict[str, Any] | None = None,
+        compile_guard_hooks: bool = True,
     ) -> None:
         self.gradient_checkpointing = gradient_checkpointing
         self.compile = compile
         self.compile_models = compile_models
         self.compile_blocks = compile_blocks
         self.compile_options = dict(compile_options or {})
+        self.compile_guard_hooks = compile_guard_hooks
         if compile_blocks and compile != "blocks":
             raise ValueError("memory.compile_blocks: only used with compile: blocks")
         #: what was done, per model: {"checkpointing": [...], "compiled": [...]}
@@ -119,6 +128,10 @@ class MemoryPlugin:
         return per_model  # type: ignore[return-value]
 
     def _compile(self, state: Any) -> None:
+        if self.compile_guard_hooks:
+            import torch._dynamo
+
+            torch._dynamo.config.skip_nnmodule_hook_guards = False
         names = self.compile_models if self.compile_models is not None else _trainable_models(state)
         patterns: dict[str, list[str]] = {}
         for pattern in self.compile_blocks or []:
