@@ -286,3 +286,39 @@ def test_bf16_autocast_trains_the_tiny_unet_close_to_fp32(tiny_sd: Path, tmp_pat
     assert runs["bf16"][1] == [True] * 3 and runs["no"][1] == [False] * 3
     assert runs["bf16"][0] == pytest.approx(runs["no"][0], abs=1e-2)
     assert runs["bf16"][0] != runs["no"][0]  # bf16 really ran
+
+
+# ------------------------------------------------------------------ recipe
+def test_every_option_from_a_recipe_trains_as_the_plain_recipe(run_dir: Path) -> None:
+    """Checkpointing, regional compilation, block swap and fused: auto together, from a recipe."""
+    from hookengine import Engine
+
+    def recipe(folder: Path, extra: dict) -> dict:
+        return {
+            "name": "memory", "run_dir": str(folder), "seed": 0,
+            "plugins": {"model": {"use": "supervised", "model": "tests.sched.helpers:stack"},
+                        "data": {"use": "tests.sched.helpers:data"}, **extra},
+            "train_sched": {"max_steps": 4, "lr": 1e-2, "optimizer_options": {"fused": "auto"}},
+            "trainer": {"eval_at_phase_end": False}, "checkpoint": {"save_at_end": False},
+            "logging": {"every": 1}, "progress": {"enabled": False},
+        }
+
+    runs = {}
+    extras = {
+        "plain": {},
+        "all": {
+            "memory": {"use": "hookengine.sched.memory:MemoryPlugin", "gradient_checkpointing": {"model": ["blocks.*"]},
+                       "compile": "blocks", "compile_blocks": ["model.blocks.*"], "compile_options": {"backend": "eager"}},
+            "swap": {"use": "hookengine.sched.block_swap:BlockSwap", "blocks": "model.blocks.*", "count": 2},
+        },
+    }
+    for label, extra in extras.items():
+        engine = Engine()
+        losses: list[float] = []
+        engine.on("step_end", lambda loss: losses.append(float(loss)))
+        state = engine.run(recipe(run_dir / label, extra))
+        runs[label] = (losses, {k: v.detach().clone() for k, v in state.unwrap(state.models["model"]).state_dict().items()})
+    applied = engine.plugins["memory"].applied["model"]
+    assert applied == {"checkpointing": ["blocks.0", "blocks.1", "blocks.2"], "compiled": ["blocks.0", "blocks.1", "blocks.2"]}
+    assert engine.plugins["swap"].resident_bytes == 0 and len(engine.plugins["swap"].swapped) == 2
+    assert_runs_equal(runs["plain"], runs["all"], rtol=1e-5)
