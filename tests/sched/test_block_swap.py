@@ -63,6 +63,10 @@ def test_swapped_blocks_train_as_the_plain_model_with_fewer_resident_bytes(accum
     assert swap.install(swapped, "cpu") == ["blocks.1", "blocks.2", "blocks.3"]
     total = sum(p.nbytes for p in plain.parameters())
     block = sum(p.nbytes for p in plain.blocks[0].parameters())
+    refs = []  # saved tensors that were views of a compute copy, kept as references instead
+    for swapped_block in swap.swapped:
+        pack = swapped_block.pack
+        swapped_block.pack = lambda tensor, pack=pack: refs.append(pack(tensor)) or refs[-1]
     plain_seen = watch_compute_bytes(plain, [])
     swap_seen = watch_compute_bytes(swapped, swap.offload_tensors())
     data = batches(4)
@@ -78,6 +82,10 @@ def test_swapped_blocks_train_as_the_plain_model_with_fewer_resident_bytes(accum
     # one swapped block at a time: the other two never sit on the compute tier
     assert max(swap_seen) == total - 2 * block
     assert swap.resident_bytes == 0  # all offloaded between steps
+    # each forward of each swapped block saved its Linear and LayerNorm weights by reference
+    assert sum(type(r).__name__ == "_Ref" for r in refs) >= 3 * len(data) * 2
+    with torch.no_grad():  # evaluation: no saving at all
+        torch.testing.assert_close(swapped(data[0][0]), plain(data[0][0]))
 
 
 def test_a_transformers_model_swaps_its_layers() -> None:
