@@ -21,7 +21,7 @@ import itertools
 from typing import Any
 
 from ..core.plan import Phase, plan_settings
-from ..core.plugins import PluginError, closest, resolve
+from ..core.plugins import PluginError, closest
 from ..core.points import BASE_PRIORITY
 
 __all__ = ["TrainScheduler", "optimizer_class", "kernel_options"]
@@ -134,8 +134,6 @@ class TrainScheduler:
 
     def _build_optimizer(self, next_impl: Any, models: dict[str, Any]) -> Any:
         """The plan's default optimizer over every trainable parameter."""
-        import torch
-
         plan = self.engine.state.plan
         cls = optimizer_class(plan.optimizer)
         params = [p for m in models.values() if hasattr(m, "parameters") for p in m.parameters() if p.requires_grad]
