@@ -19,7 +19,9 @@ How, with module hooks only (no ``autograd.Function``):
 - a full backward pre-hook copies the parameters up again (and moves an accumulated
   gradient with them), a full backward hook drops them and moves their gradients to the
   offload device; unpacking a saved tensor also brings the block up when torch's order
-  reaches it first (skip connections).
+  reaches it first or again (skip connections), and a callback queued on autograd's engine
+  drops every block when the backward pass ends, so the optimizer always finds the weights
+  and gradients on the offload device.
 
 The optimizer steps the swapped blocks' parameters where they live (the offload device),
 with their gradients and optimizer state there too: use ``foreach`` (``fused: auto`` knows).
@@ -48,10 +50,11 @@ _OFFLOADED = "_hookengine_offloaded"  # read by train_sched's fused/foreach "aut
 class SwappedBlock:
     """One block whose parameters live on ``offload`` and visit ``compute`` when used."""
 
-    def __init__(self, name: str, module: Any, compute: Any, offload: Any, pin: bool) -> None:
+    def __init__(self, name: str, module: Any, compute: Any, offload: Any, pin: bool, in_backward: Any = None) -> None:
         import torch
 
         self.name, self.module = name, module
+        self.in_backward = in_backward  # called when backward brings the block up
         self.compute, self.offload = torch.device(compute), torch.device(offload)
         self.params = [p for p in module.parameters()]
         self.store: dict[int, Any] = {}
@@ -137,6 +140,8 @@ class SwappedBlock:
 
     def unpack(self, packed: Any) -> Any:
         if isinstance(packed, _Ref):
+            if self.in_backward is not None:
+                self.in_backward()
             self.load()
             self.ready()
             return self.params[packed.index].data.as_strided(packed.size, packed.stride, packed.offset)
@@ -196,6 +201,7 @@ class BlockSwap:
         self.swapped: list[SwappedBlock] = []
         self._handles: list[Any] = []
         self._stream: Any = None
+        self._queued = False  # a settle is queued for the end of the running backward
 
     def setup(self, engine: Any) -> None:
         self.engine = engine
@@ -227,7 +233,8 @@ class BlockSwap:
         if self.prefetch and compute.type == "cuda":
             self._stream = torch.cuda.Stream(device=compute)
         for name, module in blocks:
-            block = SwappedBlock(name, module, compute, self.offload_device, self.pin_memory and compute.type == "cuda")
+            block = SwappedBlock(name, module, compute, self.offload_device, self.pin_memory and compute.type == "cuda",
+                                 self._settle_after_backward)
             self.swapped.append(block)
             index = len(self.swapped) - 1
             module._apply = _buffers_only(module)  # model.to(device) leaves swapped weights offloaded
@@ -260,6 +267,7 @@ class BlockSwap:
         block.drop()
 
     def _before_backward(self, index: int) -> None:
+        self._settle_after_backward()
         block = self.swapped[index]
         block.load()
         block.ready()
@@ -270,8 +278,21 @@ class BlockSwap:
         self.swapped[index].drop()
 
     def _settle(self) -> None:
+        self._queued = False
         for block in self.swapped:
             block.settle()
+
+    def _settle_after_backward(self) -> None:
+        """Settle every block when the running backward pass ends (once per pass).
+
+        torch's hook order does not promise that nothing of a block runs after its backward
+        hook (skip connections unpack its saved tensors later and bring it up again).
+        """
+        if not self._queued:
+            import torch
+
+            torch.autograd.Variable._execution_engine.queue_callback(self._settle)
+            self._queued = True
 
     def _optimizer_step(self, next_impl: Any) -> Any:
         self._settle()  # the step runs where the weights live
