@@ -106,6 +106,25 @@ def test_a_transformers_model_swaps_its_layers() -> None:
     assert swap.resident_bytes == 0 and all(p.grad.device.type == "cpu" for p in swapped.parameters())
 
 
+def test_lora_on_a_frozen_transformers_model_with_swapped_layers() -> None:
+    """PEFT's prefixes are optional in the pattern; only the adapters train, as without swapping."""
+    from peft import LoraConfig, get_peft_model
+
+    from hookengine.testing.tiny_models import build_tiny_causal_lm
+
+    base = build_tiny_causal_lm(architecture="gpt2")[0].eval()
+    torch.manual_seed(0)
+    plain = get_peft_model(base, LoraConfig(r=4, target_modules=["c_attn"], init_lora_weights=False))
+    swapped = copy.deepcopy(plain)
+    swap = BlockSwap("lm.transformer.h.*", count=1)
+    assert swap.install(swapped, "cpu") == ["transformer.h.1"]
+    ids = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    step = lambda model: model(input_ids=ids, labels=ids).loss  # noqa: E731
+    result = losses_and_grads(swapped, step, steps=3)
+    assert_same(losses_and_grads(plain, step, steps=3), result)
+    assert result[1][0] and all("lora_" in name for name in result[1][0])  # only the adapters have gradients
+
+
 def test_a_unet_swaps_its_down_and_up_blocks_with_skip_connections() -> None:
     """The down blocks' skip outputs reach their backward after the block's own backward hook:
     the block comes up again, and everything is dropped when the backward pass ends."""
