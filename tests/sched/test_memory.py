@@ -248,6 +248,9 @@ def test_fused_auto_rules() -> None:
     offloaded = torch.nn.Parameter(torch.zeros(2))
     offloaded._hookengine_offloaded = True
     assert kernel_options(torch.optim.AdamW, [offloaded], {"fused": "auto"}, cuda) == {"foreach": True}
+    assert kernel_options(torch.optim.AdamW, floats, {"foreach": "auto"}, cuda) == {"fused": True}  # the same rule
+    assert kernel_options(torch.optim.AdamW, floats, {"foreach": "auto", "fused": False}, cuda) == {"fused": False, "foreach": True}
+    assert kernel_options(torch.optim.AdamW, floats, {"fused": "auto", "foreach": False}, cpu) == {"foreach": False}
     assert kernel_options(torch.optim.AdamW, floats, {"fused": True}, cpu) == {"fused": True}  # passes through
     assert kernel_options(torch.optim.LBFGS, floats, {"fused": "auto"}, cuda) == {}  # takes neither
 

@@ -43,10 +43,11 @@ class TrainScheduler:
             (``bitsandbytes.optim:AdamW8bit``).
         lr, weight_decay, optimizer_options: its arguments (optim_sched replaces it).
             ``optimizer_options`` pass through to the optimizer (``{fused: true}``,
-            ``{foreach: false}``, ``betas``...); ``fused: auto`` or ``foreach: auto`` picks
-            the fused kernels when the run's device is CUDA and every parameter is floating
-            point (and none is kept on an offload device by ``block_swap``), and ``foreach``
-            otherwise (for optimizers that take those arguments).
+            ``{foreach: false}``, ``betas``...); ``fused: auto`` or ``foreach: auto`` (the
+            same rule) picks the fused kernels when the run's device is CUDA and every
+            parameter is floating point (and none is kept on an offload device by
+            ``block_swap``), and ``foreach`` otherwise; an explicit ``true``/``false`` of the
+            other key is kept, and a key the optimizer does not take is left out.
 
     >>> from hookengine import Engine
     >>> engine = Engine()
@@ -181,23 +182,30 @@ def kernel_options(cls: Any, params: list[Any], options: dict[str, Any], device:
 
     Fused kernels when ``device`` is CUDA and every parameter is floating point and not kept
     on an offload device (``block_swap`` marks those ``_hookengine_offloaded``); ``foreach``
-    otherwise. Options without ``auto`` pass through unchanged.
+    otherwise. An explicit ``true``/``false`` next to an ``auto`` is kept; keys the optimizer
+    does not take are left out.
 
     >>> import torch
     >>> kernel_options(torch.optim.AdamW, [torch.zeros(2)], {"fused": "auto", "betas": (0.9, 0.99)}, torch.device("cpu"))
     {'betas': (0.9, 0.99), 'foreach': True}
     """
-    if options.get("fused") != "auto" and options.get("foreach") != "auto":
+    fused, foreach = options.get("fused"), options.get("foreach")
+    if "auto" not in (fused, foreach):
         return dict(options)
     import inspect
 
     out = {k: v for k, v in options.items() if k not in ("fused", "foreach")}
     accepted = inspect.signature(cls).parameters
-    fused = getattr(device, "type", str(device)) == "cuda" and all(
-        p.is_floating_point() and not getattr(p, "_hookengine_offloaded", False) for p in params
-    )
+    if not isinstance(fused, bool):  # auto (or unset next to foreach: auto)
+        fused = "fused" in accepted and getattr(device, "type", str(device)) == "cuda" and all(
+            p.is_floating_point() and not getattr(p, "_hookengine_offloaded", False) for p in params
+        )
+    elif "fused" in accepted:
+        out["fused"] = fused
     if fused and "fused" in accepted:
         out["fused"] = True
-    elif "foreach" in accepted:
+    if isinstance(foreach, bool):
+        out["foreach"] = foreach
+    elif not fused and "foreach" in accepted:
         out["foreach"] = True
     return out
