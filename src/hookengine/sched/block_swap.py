@@ -32,7 +32,18 @@ the compute copies are separate tensors).
 
 On CUDA the offload copies are pinned and the next block is prefetched on a side stream
 (untested here: this machine has no GPU). Single process only (DDP wants every parameter
-on one device).
+on one device). Convert the model's dtype before the swap is installed: a later
+``model.to(dtype)`` leaves the swapped weights as they are. Combined with gradient
+checkpointing and compiled blocks it trains as the plain path on CPU
+(tests/sched/test_memory.py, the recipe test).
+
+In a recipe::
+
+    plugins:
+      swap:
+        use: block_swap
+        blocks: lm.model.layers.*
+        count: 20
 """
 
 from __future__ import annotations
