@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from hookengine.data.latent_cache import LatentCache, file_digest, latent_key, text_key
@@ -44,3 +46,25 @@ def test_text_keys_corrupt_entries_and_prune(tmp_path):
     cache.put(other, {"t": torch.ones(1)})
     assert cache.prune({key}) == 1 and cache.keys() == {key}
     assert not list(tmp_path.glob("*/*.tmp"))
+
+
+def test_identities_follow_content_and_files(tmp_path):
+    from hookengine.data.latent_cache import module_digest, source_identity, tensor_digest
+
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    b.load_state_dict(a.state_dict())
+    assert module_digest(a) == module_digest(b)  # content, not the object
+    with torch.no_grad():
+        b.bias[0] += 1e-6
+    assert module_digest(a) != module_digest(b)
+    assert module_digest(a.to(torch.bfloat16)) != module_digest(b.to(torch.float32))
+    x = torch.zeros(2, 3)
+    assert tensor_digest(x) == tensor_digest(x.clone()) != tensor_digest(x.reshape(3, 2))
+    image = tmp_path / "a.png"
+    image.write_bytes(b"one")
+    first = source_identity(str(image))
+    assert first == source_identity({"path": str(image), "bytes": None}) and first.startswith("file:")
+    os.utime(image, ns=(1, 1))
+    assert source_identity(str(image)) != first  # modification time
+    assert source_identity({"path": "x.png", "bytes": b"one"}) == source_identity(b"one")
+    assert source_identity(str(tmp_path / "missing.png")) is None and source_identity(3) is None

@@ -5,6 +5,11 @@ SHA-256, not its name or date), the bucket, the crop, the flip and the encoder (
 plus whatever identifies its weights and settings). Change any of them and the key
 changes, so the entry is rebuilt; nothing stale is ever read. Files are written to a
 temporary name and renamed, so a crash never leaves a half-written entry.
+
+Identities that keys are made of: :func:`file_digest` (a file's bytes),
+:func:`source_identity` (an image source as a data set gives it: path, size and
+modification time, or the embedded bytes' digest), :func:`tensor_digest` (a tensor's
+bytes) and :func:`module_digest` (a model's weights, buffers, class and config).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-__all__ = ["LatentCache", "file_digest", "latent_key", "text_key"]
+__all__ = ["LatentCache", "file_digest", "latent_key", "module_digest", "source_identity", "tensor_digest", "text_key"]
 
 _DIGESTS: dict[tuple[str, int, int], str] = {}
 
@@ -32,6 +37,69 @@ def file_digest(path: str | os.PathLike[str]) -> str:
                 digest.update(chunk)
         _DIGESTS[memo] = digest.hexdigest()
     return _DIGESTS[memo]
+
+
+def source_identity(source: Any) -> str | None:
+    """What identifies an image source without reading it whole.
+
+    A file path (or ``datasets``' ``{"path", "bytes"}`` with no bytes): the resolved path,
+    its size and modification time (ns); embedded bytes: their SHA-256; a PIL image:
+    the digest of its mode, size and pixels. ``None`` when the source is none of these.
+    """
+    if isinstance(source, dict):
+        data = source.get("bytes")
+        if data:
+            return "bytes:" + hashlib.sha256(data).hexdigest()
+        source = source.get("path")
+    if isinstance(source, (bytes, bytearray)):
+        return "bytes:" + hashlib.sha256(source).hexdigest()
+    if isinstance(source, (str, os.PathLike)):
+        path = os.path.realpath(source)
+        try:
+            stat = os.stat(path)
+        except OSError:
+            return None
+        return f"file:{path}:{stat.st_size}:{stat.st_mtime_ns}"
+    if hasattr(source, "tobytes") and hasattr(source, "mode") and hasattr(source, "size"):
+        digest = hashlib.sha256(f"{source.mode}:{source.size}".encode())
+        digest.update(source.tobytes())
+        return "pixels:" + digest.hexdigest()
+    return None
+
+
+def _tensor_bytes(tensor: Any) -> Any:
+    """A tensor's bytes as a numpy array (any dtype, bfloat16 included), on the CPU."""
+    import torch
+
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy() if flat.numel() else b""
+
+
+def tensor_digest(tensor: Any) -> str:
+    """SHA-256 of a tensor's dtype, shape and bytes."""
+    digest = hashlib.sha256(f"{tensor.dtype}:{tuple(tensor.shape)}".encode())
+    digest.update(_tensor_bytes(tensor))
+    return digest.hexdigest()
+
+
+def module_digest(module: Any, *extra: Any) -> str:
+    """SHA-256 of a model's content: class, config, every parameter and buffer (names,
+    dtypes, shapes, bytes), and ``extra`` (e.g. a tokenizer's vocabulary).
+
+    Two models with the same weights get the same digest whatever their file or name;
+    a single changed weight gives another one.
+    """
+    digest = hashlib.sha256(type(module).__name__.encode())
+    config = getattr(module, "config", None)
+    if config is not None:
+        as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        digest.update(json.dumps(as_dict, sort_keys=True, default=str).encode())
+    for name, tensor in module.state_dict().items():
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(_tensor_bytes(tensor))
+    for item in extra:
+        digest.update(json.dumps(item, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
 
 
 def _key(parts: Mapping[str, Any]) -> str:

@@ -11,7 +11,8 @@ Two jobs, kept apart from the diffusion loss:
   (SD 1.x / 2.x), or, with two of each (SDXL), the penultimate hidden states of both
   concatenated and the pooled output of the last (``train_text_to_image_sdxl.py``'s
   ``encode_prompt``). With frozen encoders the empty prompt is encoded once, and every
-  caption is remembered when asked (``cache=True``).
+  caption is remembered when asked: in memory (``cache=True``) or in safetensors files
+  (``store=``, keyed by the caption and ``encoder_key``, the encoders' content digest).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-__all__ = ["TextEncoders", "TextEmbeddings", "prepare_captions", "shuffle_tags", "caption_rng"]
+__all__ = ["TextEncoders", "TextEmbeddings", "prepare_captions", "shuffle_tags", "caption_rng", "tokenizer_identity"]
 
 
 def caption_rng(seed: int, step: int, rank: int, position: int) -> Any:
@@ -70,6 +71,16 @@ def prepare_captions(
     return out
 
 
+def tokenizer_identity(tokenizer: Any) -> str:
+    """What a tokenizer does, as text: its class, maximum length and, for a fast tokenizer,
+    its whole definition (vocabulary, merges, normalizer), else its sorted vocabulary."""
+    import json
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return f"{type(tokenizer).__name__}:{getattr(tokenizer, 'model_max_length', None)}:{body}"
+
+
 @dataclass
 class TextEmbeddings:
     """What the denoiser is conditioned on: ``hidden`` (``B, L, D``) and, for SDXL-style
@@ -87,15 +98,24 @@ class TextEncoders:
         encoders: the text encoders, same order.
         device: where the token ids go.
         frozen: the encoders are not trained: encode under ``no_grad`` and allow reuse.
-        cache: remember the embedding of every caption (needs ``frozen``).
+        cache: remember the embedding of every caption in memory (needs ``frozen``).
+        store: a :class:`~hookengine.data.latent_cache.LatentCache`: embeddings are read
+            from and written to it instead (needs ``frozen``; not kept in memory).
+        encoder_key: what identifies the encoders and tokenizers in ``store``'s keys
+            (their content digest).
     """
 
     def __init__(self, tokenizers: Sequence[Any], encoders: Sequence[Any], device: Any, frozen: bool = True,
-                 cache: bool = False) -> None:
+                 cache: bool = False, store: Any = None, encoder_key: str = "") -> None:
         if len(tokenizers) != len(encoders) or not tokenizers:
             raise ValueError(f"text encoding needs one tokenizer per text encoder, got {len(tokenizers)} and {len(encoders)}")
+        if store is not None and not encoder_key:
+            raise ValueError("text embeddings stored on disk need an encoder_key (the encoders' content digest)")
         self.tokenizers, self.encoders = list(tokenizers), list(encoders)
-        self.device, self.frozen, self.cache = device, frozen, cache and frozen
+        self.device, self.frozen = device, frozen
+        self.store = store if frozen else None
+        self.cache = cache and frozen and self.store is None
+        self.encoder_key = encoder_key
         self.memo: dict[str, tuple[Any, Any]] = {}
 
     @property
@@ -136,6 +156,8 @@ class TextEncoders:
             return self._run(captions)
         fresh = [c for c in dict.fromkeys(captions) if c not in self.memo]
         found: dict[str, tuple[Any, Any]] = {}
+        if self.store is not None:
+            fresh = [c for c in fresh if not self._stored(c, found)]
         if fresh:
             out = self._run(fresh)
             for row, caption in enumerate(fresh):
@@ -143,7 +165,24 @@ class TextEncoders:
                 found[caption] = (out.hidden[row], pooled)
                 if self.cache or caption == "":
                     self.memo[caption] = found[caption]
+                if self.store is not None:
+                    self.store.put(self._key(caption), {"hidden": found[caption][0]}
+                                   | ({"pooled": pooled} if pooled is not None else {}))
         rows = [self.memo.get(c) or found[c] for c in captions]
         hidden = torch.stack([r[0] for r in rows])
         pooled = torch.stack([r[1] for r in rows]) if rows[0][1] is not None else None
         return TextEmbeddings(hidden, pooled)
+
+    def _key(self, caption: str) -> str:
+        from ..data.latent_cache import text_key
+
+        return text_key(caption, self.encoder_key, dual=self.dual)
+
+    def _stored(self, caption: str, found: dict[str, tuple[Any, Any]]) -> bool:
+        """Read ``caption``'s embedding from the store into ``found``; whether it was there."""
+        entry = self.store.get(self._key(caption))
+        if entry is None or "hidden" not in entry or self.dual != ("pooled" in entry):
+            return False
+        pooled = entry.get("pooled")
+        found[caption] = (entry["hidden"].to(self.device), None if pooled is None else pooled.to(self.device))
+        return True

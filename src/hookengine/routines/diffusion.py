@@ -27,7 +27,8 @@ from typing import Any, Literal
 
 from ..core.points import BASE_PRIORITY, Point
 from .base import Routine, built_by, samples_path
-from .captions import TextEncoders, prepare_captions
+from .captions import TextEncoders, prepare_captions, tokenizer_identity
+from .latent_caching import SAMPLE_ID, CachedLatents, latent_row_keys
 
 __all__ = ["DiffusionRoutine", "image_grid", "save_image_grid", "samples_path"]
 
@@ -76,8 +77,23 @@ class DiffusionRoutine(Routine):
             caption on ``caption_separator``, keep the first ``keep_tokens`` tags in
             place, shuffle the others. Dropout and shuffles are drawn from
             ``(seed, batch, process, position)``, so a resumed run sees the same captions.
-        cache_text_embeddings: remember each caption's embedding (in memory) while the
-            text encoders are frozen.
+        cache_text_embeddings: remember each caption's embedding while the text encoders
+            are frozen: ``true`` or ``memory`` in memory, ``disk`` in safetensors files
+            under ``cache_dir``, keyed by the caption and the encoders' and tokenizers'
+            content digest (another run with the same encoders reads them back).
+        cache_latents: keep the VAE's latent distribution of every training image in
+            safetensors files under ``cache_dir``, so the VAE encodes each image once.
+            Each step still draws ``latent_dist.sample()`` from the cached mean and
+            variance with the routine's generator (what diffusers' scripts do with
+            ``--cache_latents``), so losses and resume are the same as without the
+            cache, bitwise. Keys: the image file (path, size, modification time; or the
+            pixels' digest when the batch does not come from files), the transform
+            (bucket, crop, flip, original size, tensor shape, ``pixel_range``) and the
+            VAE's content digest; a random crop or flip keeps one entry per variant. A
+            transform of your own that the key does not see (e.g. colour jitter in
+            ``transform_sample``) must not be combined with it.
+        cache_dir: the folder of both caches (default ``RUN_DIR/cache``); share it
+            between runs to reuse what an earlier run encoded.
         pixel_range: the range of the images in batches (mapped to [-1, 1]).
         seed: a private generator for noise and timesteps, ``seed + process index``
             (``None``: torch's global RNG, as the diffusers scripts).
@@ -131,7 +147,9 @@ class DiffusionRoutine(Routine):
         shuffle_caption: bool = False,
         keep_tokens: int = 0,
         caption_separator: str = ",",
-        cache_text_embeddings: bool = False,
+        cache_text_embeddings: bool | Literal["memory", "disk"] = False,
+        cache_latents: bool = False,
+        cache_dir: str | None = None,
         pixel_range: tuple[float, float] = (-1.0, 1.0),
         seed: int | None = None,
         val_seed: int = 0,
@@ -169,6 +187,10 @@ class DiffusionRoutine(Routine):
         self.caption_options = {"dropout": caption_dropout, "shuffle": shuffle_caption, "keep_tokens": keep_tokens,
                                 "separator": caption_separator}
         self.cache_text_embeddings = cache_text_embeddings
+        self.cache_latents, self.cache_dir = cache_latents, cache_dir
+        self.latent_cache: CachedLatents | None = None
+        self.store: Any = None  # the on-disk LatentCache of both caches, made at build
+        self._vae_key: tuple[int, str] | None = None  # (id of the VAE, its content digest)
         if isinstance(sample_size, int):
             sample_size = (sample_size, sample_size)
         self.sample_size = tuple(sample_size) if sample_size is not None else None
@@ -199,6 +221,9 @@ class DiffusionRoutine(Routine):
         engine.attach("prepare_captions", self._prepare_captions_slot, priority=BASE_PRIORITY)
         engine.attach("encode_captions", self._encode_captions_slot, priority=BASE_PRIORITY)
         engine.on("epoch_start", self._frozen_to_eval)
+        if self.cache_latents:
+            # Each sample's file identity travels with it into the batch (the cache key).
+            engine.attach("decode_sample", self._record_sample_id)
         if self.sample_every > 0:
             engine.on("step_end", self._sample_listener, every=self.sample_every)
         if self.sample_at_phase_end:
@@ -233,10 +258,34 @@ class DiffusionRoutine(Routine):
             text_encoder = self._component(role)
             if text_encoder is not None:
                 text_encoder.requires_grad_(self.train_text_encoder)
+        if self.cache_latents or self.cache_text_embeddings == "disk":
+            self._open_store(state)
         if self.seed is not None:
             # One stream per process: ranks must not draw the same noise for different images.
             seed = self.seed + self.engine.runtime.process_index
             self.generator = torch.Generator(device=self.device).manual_seed(seed)
+
+    def _open_store(self, state: Any) -> None:
+        from ..data.latent_cache import LatentCache
+
+        folder = self.cache_dir or (Path(state.run_dir) / "cache" if state.run_dir else None)
+        if folder is None:
+            raise ValueError("diffusion.cache_latents / cache_text_embeddings=disk need diffusion.cache_dir (or a run_dir)")
+        self.store = LatentCache(folder)
+        if self.cache_latents:
+            self.latent_cache = CachedLatents(self.store)
+
+    def _record_sample_id(self, next_impl: Any, sample: dict[str, Any]) -> Any:
+        """Put the identity of the sample's image file (read before decoding) in the sample."""
+        from ..data.latent_cache import source_identity
+
+        column = self.keys["image"] if isinstance(self.keys["image"], str) and self.keys["image"] in sample else "image"
+        source = sample.get(column)
+        identity = source_identity(source) if source is not None else None
+        sample = next_impl(sample)
+        if identity is not None and isinstance(sample, dict):
+            sample[SAMPLE_ID] = identity
+        return sample
 
     def _adopt_pipeline(self, state: Any, option: str) -> None:
         """Take a pipeline's modules into ``state.models``; keep tokenizer and scheduler here."""
@@ -399,14 +448,48 @@ class DiffusionRoutine(Routine):
         pixels = _get(batch, self.keys["image"])
         if pixels is None:
             raise KeyError(f"diffusion: the batch has neither {self.keys['image']!r} nor {self.keys['latents']!r}")
-        pixels = self._to_unit_range(pixels.to(self.device).float())
         vae = self._component("vae")
         if vae is None:
-            return pixels
-        with torch.no_grad():
-            latents = vae.encode(pixels.to(dtype=vae.dtype)).latent_dist.sample(generator=generator)
+            return self._to_unit_range(pixels.to(self.device).float())
+        if self.latent_cache is not None:
+            from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+            parameters = self._cached_parameters(batch, pixels, vae)
+            latents = DiagonalGaussianDistribution(parameters).sample(generator=generator)
+        else:
+            pixels = self._to_unit_range(pixels.to(self.device).float())
+            with torch.no_grad():
+                latents = vae.encode(pixels.to(dtype=vae.dtype)).latent_dist.sample(generator=generator)
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * vae.config.scaling_factor if shift else latents * vae.config.scaling_factor
+
+    def _cached_parameters(self, batch: Any, pixels: Any, vae: Any) -> Any:
+        """The batch's latent distribution parameters, from the cache or the VAE (misses only)."""
+        import torch
+
+        if any(p.requires_grad for p in vae.parameters()):
+            raise ValueError(
+                f"diffusion.cache_latents: the VAE {self.names['vae']!r} is being trained, so cached latents "
+                "would go stale; set cache_latents: false"
+            )
+        keys = latent_row_keys(batch, pixels, self._vae_digest(vae), self.pixel_range)
+
+        def encode() -> Any:  # exactly what the uncached path runs
+            unit = self._to_unit_range(pixels.to(self.device).float())
+            with torch.no_grad():
+                return vae.encode(unit.to(dtype=vae.dtype)).latent_dist.parameters
+
+        assert self.latent_cache is not None
+        return self.latent_cache.parameters(keys, encode, self.device)
+
+    def _vae_digest(self, vae: Any) -> str:
+        """The VAE's content digest (weights, config, dtype), computed once per VAE object."""
+        from ..data.latent_cache import module_digest
+
+        module = self.engine.runtime.unwrap(vae)
+        if self._vae_key is None or self._vae_key[0] != id(module):
+            self._vae_key = (id(module), module_digest(module, str(getattr(module, "dtype", ""))))
+        return self._vae_key[1]
 
     def _to_unit_range(self, pixels: Any) -> Any:
         low, high = self.pixel_range
@@ -544,11 +627,21 @@ class DiffusionRoutine(Routine):
         )
         text = self.text_encoders
         if text is None or len(text.encoders) != len(pairs) or text.frozen != frozen:
+            disk = self.cache_text_embeddings == "disk" and frozen
             text = self.text_encoders = TextEncoders(
-                [t for t, _ in pairs], [e for _, e in pairs], self.device, frozen=frozen, cache=self.cache_text_embeddings
+                [t for t, _ in pairs], [e for _, e in pairs], self.device, frozen=frozen,
+                cache=bool(self.cache_text_embeddings), store=self.store if disk else None,
+                encoder_key=self._text_digest(pairs) if disk else "",
             )
         text.encoders = [e for _, e in pairs]  # the current modules (they may have been re-wrapped)
         return text.encode(captions)
+
+    def _text_digest(self, pairs: list[tuple[Any, Any]]) -> str:
+        """The content digest of the (tokenizer, text encoder) pairs: weights and vocabularies."""
+        from ..data.latent_cache import module_digest
+
+        unwrap = self.engine.runtime.unwrap
+        return ":".join(module_digest(unwrap(e), tokenizer_identity(t)) for t, e in pairs)
 
     def _caption_seed(self) -> int:
         if self.seed is not None:
