@@ -185,4 +185,6 @@ class TextEncoders:
             return False
         pooled = entry.get("pooled")
         found[caption] = (entry["hidden"].to(self.device), None if pooled is None else pooled.to(self.device))
+        if caption == "":  # the empty prompt stays in memory, as without the store
+            self.memo[caption] = found[caption]
         return True
