@@ -44,7 +44,7 @@ if [ "$DRY" = 1 ]; then
   BENCH=(bench/diffusion_lora.py --width 32 --steps 1 --warmup 1 --measure 1 --repeats 1 --batch 1)
   FLAGS_VARIANTS=raw,hookengine
 else
-  BENCH=(bench/diffusion_lora.py --width 320 --steps 10 --warmup 3 --measure 3 --repeats 1 --batch 4
+  BENCH=(bench/diffusion_lora.py --width 320 --steps 8 --warmup 2 --measure 2 --repeats 1 --batch 4
          --pipeline "$WORK/sd-medium")
   FLAGS_VARIANTS=raw,hookengine
 fi
@@ -56,7 +56,7 @@ fi
   if [ "$DRY" = 1 ]; then
     echo "## GPU tests"; echo "skipped (dry run)"
   else
-    section "GPU tests (pytest -m gpu)" 120 15 "$PY" -m pytest -q -m gpu tests
+    section "GPU tests (pytest -m gpu)" 100 15 "$PY" -m pytest -q -m gpu tests
   fi
   section "sync-debug check: steady-state steps under torch.cuda.set_sync_debug_mode('error')" 60 3 \
     "$PY" scripts/sync_check.py --warmup 3 --steps 5

@@ -114,3 +114,24 @@ def test_the_sd_lora_example_switches_the_cache_on_with_one_line(tiny_sd: Path, 
         engine.run()
     assert losses["on"] == losses["off"] and len(losses["on"]) == 2
     assert list((tmp_path / "on" / "cache").glob("*/*.safetensors"))
+
+
+def test_random_crops_that_are_never_reused_are_reported(tiny_sd: Path, tmp_path: Path, caplog) -> None:
+    """bucketing.random_crop draws a crop per epoch: each is its own entry, and the cache says it is not paying."""
+    from PIL import Image
+
+    data = tmp_path / "wide"
+    data.mkdir()
+    with open(data / "metadata.jsonl", "w") as metadata:
+        for i in range(2):
+            Image.new("RGB", (64, 32), (90 * i, 30, 200)).save(data / f"{i}.png")
+            metadata.write(json.dumps({"file_name": f"{i}.png", "text": "a wide image"}) + "\n")
+    engine = quiet_engine(tmp_path / "run", max_steps=3, lr=1e-3, eval_at_phase_end=False)
+    engine.use("dataset", path="imagefolder", data_dir=str(data), batch_size=2)
+    engine.use("bucketing", mode="area", resolutions=[32], align=8, max_aspect=1.0, random_crop=True)
+    routine = engine.use(DIFFUSION, name="diffusion", pipeline=str(tiny_sd), image_key="image", seed=3,
+                         sample_at_phase_end=False, cache_latents=True)
+    with caplog.at_level("WARNING", logger="hookengine.routines.diffusion"):
+        engine.run()
+    assert routine.latent_cache.hits == 0 and routine.latent_cache.misses == 6
+    assert "reused no cached latent" in caplog.text and "random_crop" in caplog.text

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +32,8 @@ from .captions import TextEncoders, prepare_captions, tokenizer_identity
 from .latent_caching import SAMPLE_ID, CachedLatents, latent_row_keys
 
 __all__ = ["DiffusionRoutine", "image_grid", "save_image_grid", "samples_path"]
+
+logger = logging.getLogger(__name__)
 
 PredictionType = Literal["epsilon", "v_prediction", "flow_matching"]
 # Our names for the timestep densities of diffusers' ``compute_density_for_timestep_sampling``.
@@ -224,6 +227,7 @@ class DiffusionRoutine(Routine):
         if self.cache_latents:
             # Each sample's file identity travels with it into the batch (the cache key).
             engine.attach("decode_sample", self._record_sample_id)
+            engine.on("epoch_end", self._check_reuse)
         if self.sample_every > 0:
             engine.on("step_end", self._sample_listener, every=self.sample_every)
         if self.sample_at_phase_end:
@@ -274,6 +278,22 @@ class DiffusionRoutine(Routine):
         self.store = LatentCache(folder)
         if self.cache_latents:
             self.latent_cache = CachedLatents(self.store)
+
+    def _check_reuse(self, state: Any) -> None:
+        """After a later epoch that reused no cached latent, say why the cache is not paying."""
+        cache = self.latent_cache
+        if cache is None:
+            return
+        hits, misses = cache.hits - cache.epoch_start[0], cache.misses - cache.epoch_start[1]
+        cache.epoch_start = (cache.hits, cache.misses)
+        if state.clock.epoch >= 2 and misses and not hits and not cache.warned:
+            cache.warned = True
+            logger.warning(
+                "diffusion.cache_latents: epoch %d reused no cached latent (%d new entries): every sample came "
+                "with a new crop, flip or file (e.g. bucketing.random_crop draws a crop per epoch, and each "
+                "variant is its own entry); set bucketing.random_crop: false or diffusion.cache_latents: false",
+                state.clock.epoch - 1, misses,
+            )
 
     def _record_sample_id(self, next_impl: Any, sample: dict[str, Any]) -> Any:
         """Put the identity of the sample's image file (read before decoding) in the sample."""

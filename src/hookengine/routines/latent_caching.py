@@ -84,6 +84,8 @@ class CachedLatents:
         self.cache = cache
         self.hits = 0
         self.misses = 0
+        self.epoch_start = (0, 0)  # (hits, misses) when the current epoch began
+        self.warned = False
         self._layouts: dict[int, list[int]] = {}  # batch size -> the layout the VAE gave it here
 
     def parameters(self, keys: list[str], encode: Callable[[], Any], device: Any) -> Any:
