@@ -153,10 +153,17 @@ def test_nn_linear_options_are_read_off_the_module_and_bad_layouts_are_named(run
     engine.run(supervised_recipe(run_dir, "torch.nn:Linear", {"in_features": 4, "out_features": 3}))
     written = export_models(engine.state, run_dir / "out")
     spec = json.loads((written["model"] / "hookengine_model.json").read_text())
-    assert spec["class"] == "torch.nn.modules.linear:Linear"
+    assert spec["class"] == "torch.nn:Linear"  # the recipe's own reference (routines.base.built_by)
     assert spec["options"] == {"in_features": 4, "out_features": 3}
     loaded = load_model(str(written["model"]))
     assert torch.equal(loaded.weight, engine.state.models["model"].weight)
+
+    # A module built in Python (no recipe reference): the options are read off its attributes.
+    engine.state.models["model"] = torch.nn.Linear(4, 3)
+    written = export_models(engine.state, run_dir / "python")
+    spec = json.loads((written["model"] / "hookengine_model.json").read_text())
+    assert spec == {"format": "torch", "weights": "model.safetensors", "class": "torch.nn.modules.linear:Linear",
+                    "options": {"in_features": 4, "out_features": 3}}
 
     engine.state.models["model"] = torch.nn.Sequential(torch.nn.Linear(4, 3))
     with pytest.raises(ExportError, match="cannot work out how to build model 'model'.*export.specs.model"):

@@ -158,7 +158,7 @@ def test_sigterm_to_hookengine_run_then_resume_to_the_end(tmp_path: Path) -> Non
     resumed = subprocess.run(hookengine(recipe, "--resume", "--set", "trainer.max_steps=12", "--set", "plugins.hold.hold_at=-1"),
                              cwd=ROOT, env=env(tmp_path), capture_output=True, text=True, timeout=180)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
-    assert "run finished at step 12" in resumed.stdout
+    assert "finished at step 12" in resumed.stdout  # the end-of-run summary
     assert latest_checkpoint(checkpoints).name == "step-00000012"
 
 
