@@ -195,4 +195,4 @@ def test_export_rebuilds_a_run_from_its_recorded_recipe(tmp_path: Path) -> None:
     exported = subprocess.run([sys.executable, "-m", "hookengine", "export", str(run_dir), "--out", str(tmp_path / "out")],
                               capture_output=True, text=True, env=env, cwd=tmp_path, timeout=180)
     assert exported.returncode == 0, exported.stderr[-3000:]
-    assert "model -> " in exported.stdout and (tmp_path / "out" / "model").is_dir()
+    assert f"  model: {tmp_path / 'out' / 'model'}" in exported.stdout and (tmp_path / "out" / "model").is_dir()

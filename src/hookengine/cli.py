@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import importlib
 import sys
 import traceback
 from typing import Sequence
@@ -185,21 +184,12 @@ def _print_hooks(engine) -> None:  # type: ignore[no-untyped-def]
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .recipe import RecipeError
+    from .training.export import export_run  # torch and the model libraries: only when asked
 
-    try:  # written separately (hookengine.training.export); a clear line until it exists
-        module = importlib.import_module("hookengine.training.export")
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("hookengine.training.export", "hookengine.training"):
-            raise
-        raise RecipeError("export: hookengine.training.export is not available in this installation") from None
-    export_run = getattr(module, "export_run", None)
-    if export_run is None:
-        raise RecipeError("export: hookengine.training.export has no export_run(run_dir, out, checkpoint)")
-    result = export_run(args.run_dir, out=args.out, checkpoint=args.checkpoint)
-    if isinstance(result, dict):  # model name -> folder written
-        result = ", ".join(f"{name} -> {path}" for name, path in result.items())
-    print(f"exported {args.run_dir}" + (f": {result}" if result else ""))
+    written = export_run(args.run_dir, out=args.out, checkpoint=args.checkpoint)
+    print(f"exported {args.run_dir}:" if written else f"exported {args.run_dir}: no trained model")
+    for name, path in (written or {}).items():
+        print(f"  {name}: {path}")
     return 0
 
 
