@@ -86,13 +86,15 @@ def test_sd_lora_from_captioned_images_loads_in_diffusers(workspace: Path) -> No
     assert (run / "checkpoints" / "step-00000006").is_dir()
 
 
-def test_llm_lora_from_jsonl_loads_with_auto_peft(workspace: Path) -> None:
+def test_llm_lora_from_jsonl_loads_with_auto_peft(workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     run = run_example(workspace, "llm_lora/recipe.yaml", "trainer.max_steps=8", "plugins.lr.warmup=1")
     adapter = run / "lora" / "sft" / "peft" / "model"
+    # The recipe names its base relative to the run's folder; the adapter must load from anywhere.
+    monkeypatch.chdir(tmp_path)
     model = AutoPeftModelForCausalLM.from_pretrained(adapter)
     tokenizer = AutoTokenizer.from_pretrained(adapter)
     base = AutoModelForCausalLM.from_pretrained(workspace / "examples" / "assets" / "tiny-llama")

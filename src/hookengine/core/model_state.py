@@ -19,6 +19,7 @@ Torch is imported lazily, inside the functions.
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from typing import Any
 
 __all__ = ["BaseModelChanged", "split_model_state", "load_model_state", "model_source", "frozen_fingerprint"]
@@ -40,7 +41,9 @@ def model_source(model: Any) -> str | None:
         getattr(getattr(model, "config", None), "_name_or_path", None),
     ):
         if value:
-            return str(value)
+            # A folder named relative to the working directory is recorded absolute, so that
+            # whatever names it (a checkpoint, an exported adapter) loads from anywhere.
+            return str(Path(str(value)).resolve()) if Path(str(value)).is_dir() else str(value)
     return None
 
 

@@ -279,8 +279,10 @@ def _save_peft(parts: Mapping[str, Any], adapter: str, folder: Path) -> Path:
         target.mkdir(parents=True, exist_ok=True)
         config = _json_safe(_groups.unwrap(model).peft_config[adapter])
         # AutoPeftModel* needs both to rebuild the base (PEFT leaves them None when injecting).
+        # The loader's source wins over PEFT's own: PEFT copies ``name_or_path`` as given, so a
+        # folder named relative to the run's working directory would not load from anywhere else.
         base = base_model_path(model)
-        if not config.get("base_model_name_or_path") and base:
+        if base:
             config["base_model_name_or_path"] = base
         if not config.get("task_type"):
             config["task_type"] = task_type_of(model)
