@@ -8,13 +8,18 @@ with ``t = state.clock.step``. Teacher weights, the temperature and the other we
 schedules (a number, a callable, ``module:attr`` or ``{"schedule": NAME, ...}``); they are
 not normalised. Teachers run in eval mode without gradients; they come from
 ``state.models`` or, when a model cache holds them, through its ``acquire_model`` slot.
+
+With ``teachers_on: ray`` the teachers live on Ray workers instead (see
+:mod:`hookengine.scale.ray_teachers`): each worker loads a few of them from model loader
+specs into its own model cache, the trainer sends each batch's inputs and gets their logits
+(and features) back in order, and combines them exactly as above.
 """
 
 from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Literal
 
 from ..core.hooks import HookError
 from .base import Routine, built_by
@@ -64,6 +69,17 @@ class Distillation(Routine):
         inputs, targets: keys (dict batches) or positions (tuple batches) of the model
             input and of the labels (``None``, or a batch without that key: no labels).
             ``inputs=None`` passes a dict batch, less its targets, as keyword arguments.
+        teachers_on: where the teachers run: ``local`` (``state.models`` or a model cache
+            in this process) or ``ray`` (Ray workers, configured by ``ray``).
+        ray: with ``teachers_on: ray``: ``models`` (teacher name -> model loader spec: a
+            folder, file or hub id, or a mapping of spec fields; local paths must exist on
+            every node), ``address`` (the cluster; none: the Ray already started here, else a
+            local one), ``teachers_per_worker`` (1), ``num_cpus`` (1) and ``num_gpus`` (0) per
+            worker, ``device`` (default ``cuda`` with GPUs, else ``cpu``), ``spread`` (true:
+            workers on different nodes where possible), ``lookahead`` (1: the next batch's
+            teacher work is submitted before the current step; batches are read that far
+            ahead), ``timeout`` (120: seconds one batch's outputs may take before the run
+            stops), ``load_timeout`` (600), ``cache`` (each worker's model cache options).
     """
 
     name = "distill"
@@ -81,6 +97,8 @@ class Distillation(Routine):
         hard_weight: Any = 0.0,
         inputs: str | int | None = 0,
         targets: str | int | None = 1,
+        teachers_on: Literal["local", "ray"] = "local",
+        ray: dict[str, Any] | None = None,
     ) -> None:
         from ..sched.optim import value_schedule
 
@@ -99,6 +117,23 @@ class Distillation(Routine):
         self._captured: dict[str, dict[str, Any]] = {}  # model name -> module path -> output
         self._handles: dict[str, list[Any]] = {}  # model name -> its feature hooks (ModuleHandle)
         self._cached_objects: dict[str, Any] = {}  # cached teacher name -> weakref to the object hooked
+        if teachers_on not in ("local", "ray"):
+            raise ValueError(f"distill.teachers_on must be 'local' or 'ray', got {teachers_on!r}")
+        if ray is not None and teachers_on != "ray":
+            raise ValueError("distill.ray is set but distill.teachers_on is 'local'; set teachers_on: ray")
+        self.remote: Any = None  # RayTeachers with teachers_on: ray
+        if teachers_on == "ray":
+            self.remote = _ray_teachers(list(self.teacher_weights), list(self.features.values()), ray or {})
+
+    def setup(self, engine: Any) -> None:
+        super().setup(engine)
+        if self.remote is not None:
+            engine.attach("epoch_batches", self._epoch_batches)
+            engine.on("teardown", lambda: self.remote.close())
+
+    def _epoch_batches(self, next_impl: Any, loader: Any, epoch: int, start_batch: int) -> Any:
+        batches = next_impl(loader, epoch, start_batch)
+        return self.remote.lookahead(batches, self._host_inputs) if self.active() else batches
 
     # ------------------------------------------------------------------- build
     def build(self, state: Any) -> None:
@@ -110,7 +145,9 @@ class Distillation(Routine):
                 raise ValueError(f"distill: no student {self.student_name!r} in state.models; give model= (a module:attr factory)")
             factory = resolve(self.model_ref, "model", "distill.model")
             state.models[self.student_name] = built_by(factory(**self.model_options), self.model_ref, self.model_options)
-        for name in self.teacher_weights:
+        if self.remote is not None:
+            self.remote.start()
+        for name in self.teacher_weights if self.remote is None else ():
             teacher = self._teacher_object(name)
             teacher.requires_grad_(False)  # never in the optimizer, never a graph
             if self._cached(name) is None:
@@ -209,6 +246,12 @@ class Distillation(Routine):
         return self._captured.get(name, {})
 
     # -------------------------------------------------------------------- loss
+    def _host_inputs(self, batch: Any) -> Any:
+        """The batch's model inputs as they are sent to Ray workers (on the CPU)."""
+        if self.inputs is None:
+            return {k: v.cpu() for k, v in batch.items() if k != self.targets}
+        return batch[self.inputs].cpu()
+
     def _split(self, batch: Any) -> tuple[Any, Any]:
         targets = None if self.targets is None or not _has(batch, self.targets) else batch[self.targets]
         if self.inputs is None:
@@ -240,17 +283,22 @@ class Distillation(Routine):
         step = self.engine.state.clock.step
         temperature = float(self.temperature(step))
         inputs, targets = self._split(batch)
+        pending = None if self.remote is None else self.remote.pending_for(batch, self._host_inputs(batch))
         student = self.engine.state.models[self.student_name]
         student_logits = _logits(self._run(student, inputs))
         student_features = dict(self._features_of(self.student_name))
         kl = student_logits.new_zeros((), dtype=torch.float32)
         agreement: dict[str, Any] = {}
         feature = student_logits.new_zeros((), dtype=torch.float32)
+        remote = None if pending is None else self.remote.gather(pending)
         for name, weight_of in self.teacher_weights.items():
             weight = float(weight_of(step))
             if weight == 0.0:
                 continue
-            teacher_logits, teacher_features = self._teacher_outputs(name, inputs)
+            if remote is None:
+                teacher_logits, teacher_features = self._teacher_outputs(name, inputs)
+            else:
+                teacher_logits, teacher_features = _on_device(remote[name], self.device)
             self._check_shape(name, "logits", student_logits, teacher_logits)
             kl = kl + weight * kd_loss(student_logits, teacher_logits, temperature)
             feature = feature + weight * self._feature_loss(name, student_features, teacher_features)
@@ -349,3 +397,27 @@ def _capture(store: dict[str, Any], path: str) -> Callable[..., None]:
         store[path] = _logits(output) if not hasattr(output, "shape") else output
 
     return hook
+
+
+def _on_device(outputs: tuple[Any, dict[str, Any]], device: Any) -> tuple[Any, dict[str, Any]]:
+    logits, features = outputs
+    return logits.to(device), {path: value.to(device) for path, value in features.items()}
+
+
+def _ray_teachers(teachers: list[str], features: list[str], options: dict[str, Any]) -> Any:
+    """The :class:`~hookengine.scale.ray_teachers.RayTeachers` of ``distill.ray`` (not started yet)."""
+    import inspect
+
+    from ..scale.ray_teachers import RayTeachers
+
+    if not isinstance(options, dict):
+        raise ValueError(f"distill.ray must be a mapping of options, got {type(options).__name__}")
+    known = [p for p in inspect.signature(RayTeachers).parameters if p not in ("teachers", "features")]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"distill.ray: unknown key(s) {unknown}; known: {known}")
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise ValueError("distill.teachers_on: ray needs Ray: pip install 'hookengine[scale]'") from None
+    return RayTeachers(teachers, features=features, **{"models": {}, **options})
