@@ -8,6 +8,12 @@ from the same bucket at every step, ranks get disjoint samples and the same numb
 steps, and accelerate has nothing to re-shard (do not pass the loader through
 ``accelerator.prepare``).
 
+A resume on another number of processes keeps the saved run's global batch
+(``plan_batch_size x plan_replicas``, in the sampler's state): the epoch is planned exactly
+as before, and each rank of the new world takes its share of every global batch as one or
+more micro-batches of at most ``batch_size`` (:func:`fit_world`); gradient accumulation is
+multiplied by the micro-batches per global batch so one optimizer step sees the same samples.
+
 What does not fill a global batch at the end of a bucket follows ``remainder``:
 
 - ``drop``: left out this epoch (other samples are left out next epoch);
@@ -25,12 +31,39 @@ from typing import Any, Callable, Iterator, Literal
 
 import numpy as np
 
-__all__ = ["EpochPlan", "plan_epoch", "epoch_report", "BucketBatchSampler", "Remainder"]
+__all__ = ["EpochPlan", "plan_epoch", "epoch_report", "BucketBatchSampler", "Remainder", "fit_world", "WorldSizeError"]
 
 logger = logging.getLogger(__name__)
 
 Remainder = Literal["drop", "pad", "carry"]
 _REMAINDERS = ("drop", "pad", "carry")
+
+
+class WorldSizeError(ValueError):
+    """A saved global batch cannot be split exactly over this number of processes."""
+
+
+def fit_world(global_batch: int, num_replicas: int, batch_size: int) -> tuple[int, int]:
+    """``(micro_batch, micro_steps)``: how each of ``num_replicas`` ranks takes its share of a
+    global batch of ``global_batch`` samples with batches of at most ``batch_size``.
+
+    The share ``global_batch / num_replicas`` is cut into the fewest equal micro-batches no
+    larger than ``batch_size``; a global batch that does not divide is a
+    :class:`WorldSizeError` naming the numbers and the process counts that fit.
+
+    >>> fit_world(32, 1, 16), fit_world(32, 2, 32), fit_world(48, 2, 16)
+    ((16, 2), (16, 1), (12, 2))
+    """
+    if global_batch % num_replicas:
+        fits = [n for n in range(1, min(global_batch, 64) + 1) if global_batch % n == 0]
+        raise WorldSizeError(
+            f"the checkpoint's global batch of {global_batch} samples cannot be split evenly over "
+            f"{num_replicas} processes: resume on {', '.join(map(str, fits))} processes (a divisor of "
+            f"{global_batch}) with the same recipe"
+        )
+    share = global_batch // num_replicas
+    micro_steps = next(k for k in range(1, share + 1) if share % k == 0 and share // k <= batch_size)
+    return share // micro_steps, micro_steps
 
 
 @dataclass
@@ -198,7 +231,12 @@ class BucketBatchSampler:
 
     ``set_epoch(e)`` picks the epoch; ``set_start(k)`` skips the first ``k`` batches of
     the next iteration only (resume mid-epoch); ``state_dict``/``load_state_dict`` keep
-    the epoch, the start, the carried samples and a fingerprint of the buckets.
+    the epoch, the start, the carried samples, a fingerprint of the buckets and the
+    global batch the epochs are planned in (``plan_batch_size x plan_replicas``).
+
+    Loading a state planned for another world (:meth:`load_state_dict`) keeps that plan:
+    ``batch_size`` becomes the micro-batch this rank yields and ``micro_steps`` the
+    micro-batches per global batch; ``resumed_micro_steps`` is the saved run's.
     """
 
     def __init__(
@@ -223,6 +261,11 @@ class BucketBatchSampler:
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is outside 0..{num_replicas - 1}")
         self.batch_size, self.num_replicas, self.rank = batch_size, num_replicas, rank
+        self.requested_batch_size = batch_size
+        # The global batch epochs are planned in; a resume on another world keeps the saved one.
+        self.plan_batch_size, self.plan_replicas = batch_size, num_replicas
+        self.micro_steps = 1  # micro-batches of this rank per global batch
+        self.resumed_micro_steps: int | None = None  # the loaded state's, when it was another world
         self.seed, self.shuffle, self.remainder = seed, shuffle, remainder
         self.rebucket, self.planner = rebucket, planner or plan_epoch
         self.with_epoch, self.on_plan = with_epoch, on_plan
@@ -239,14 +282,30 @@ class BucketBatchSampler:
         if ids.size == 0 or not (ids >= 0).any():
             raise ValueError("the data set is empty (no sample has a bucket): nothing to sample")
         counts = np.bincount(ids[ids >= 0])
-        group = self.batch_size * self.num_replicas
+        group = self.global_batch
         if self.remainder != "pad" and counts.max() < group:
             raise ValueError(
                 f"every bucket is smaller than one batch (largest bucket: {counts.max()} samples, "
-                f"batch_size={self.batch_size} x {self.num_replicas} processes = {group}): nothing "
+                f"batch_size={self.plan_batch_size} x {self.plan_replicas} processes = {group}): nothing "
                 f"would be trained; lower batch_size, use fewer buckets or remainder='pad'"
             )
         return ids
+
+    @property
+    def global_batch(self) -> int:
+        """Samples per planned global batch (one micro-step of every rank together)."""
+        return self.plan_batch_size * self.plan_replicas
+
+    def replan(self, plan_batch_size: int, plan_replicas: int) -> None:
+        """Plan epochs in global batches of ``plan_batch_size x plan_replicas`` (a saved run's),
+        each rank yielding its share as ``micro_steps`` batches (:class:`WorldSizeError` when
+        the global batch does not split over this world)."""
+        micro_batch, micro_steps = fit_world(plan_batch_size * plan_replicas, self.num_replicas,
+                                             self.requested_batch_size)
+        self.plan_batch_size, self.plan_replicas = int(plan_batch_size), int(plan_replicas)
+        self.batch_size, self.micro_steps = micro_batch, micro_steps
+        self._checked(self.bucket_ids)
+        self._plan = None
 
     def set_bucket_ids(self, bucket_ids: Any) -> None:
         """Replace the buckets (re-bucketing); the plan is rebuilt on next use."""
@@ -278,8 +337,8 @@ class BucketBatchSampler:
     def _make_plan(self, epoch: int, carry_in: np.ndarray) -> EpochPlan:
         return self.planner(
             self.bucket_ids,
-            self.batch_size,
-            num_replicas=self.num_replicas,
+            self.plan_batch_size,
+            num_replicas=self.plan_replicas,
             seed=self.seed,
             epoch=epoch,
             shuffle=self.shuffle,
@@ -302,15 +361,21 @@ class BucketBatchSampler:
         if plan.dropped.size:
             logger.warning("epoch %d drops %d samples that do not fill a batch of %d x %d processes "
                            "(remainder=drop; pad or carry keep them)", self.epoch, plan.dropped.size,
-                           self.batch_size, self.num_replicas)
+                           self.plan_batch_size, self.plan_replicas)
         if plan.carry.size:
             logger.info("bucketing: epoch %d carries %d samples to the next epoch", self.epoch, plan.carry.size)
         if plan.padded:
             logger.info("bucketing: epoch %d repeats %d samples to fill batches", self.epoch, plan.padded)
 
     # ---------------------------------------------------------------- iteration
+    def rows(self) -> np.ndarray:
+        """``(batches, batch_size)`` indices this rank yields in the current epoch."""
+        share = self.global_batch // self.num_replicas
+        rows = self.plan().for_rank(self.rank, share)
+        return rows.reshape(-1, self.batch_size) if self.micro_steps > 1 else rows
+
     def __iter__(self) -> Iterator[list[int]]:
-        rows = self.plan().for_rank(self.rank, self.batch_size)
+        rows = self.rows()
         start, self.start = self.start, 0  # a start applies to one epoch only
         for row in rows[start:]:
             if self.with_epoch:
@@ -320,7 +385,7 @@ class BucketBatchSampler:
 
     def __len__(self) -> int:
         """Batches in the whole current epoch (a start does not change it)."""
-        return len(self.plan())
+        return len(self.plan()) * self.micro_steps
 
     # ---------------------------------------------------------------- state
     def fingerprint(self) -> str:
@@ -334,9 +399,23 @@ class BucketBatchSampler:
             "seed": self.seed,
             "carry": self._carry_in(self.epoch).tolist(),
             "fingerprint": self.fingerprint(),
+            "plan_batch_size": self.plan_batch_size,
+            "plan_replicas": self.plan_replicas,
+            "micro_steps": self.micro_steps,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue a saved state; one planned for another world keeps its global batch."""
+        plan = (int(state.get("plan_batch_size", self.plan_batch_size)), int(state.get("plan_replicas", self.plan_replicas)))
+        saved_micro = int(state.get("micro_steps", 1))
+        if plan != (self.plan_batch_size, self.plan_replicas):
+            try:
+                self.replan(*plan)
+            except WorldSizeError as exc:  # the resume's shape check let it through (shape_check=warn)
+                logger.warning("bucketing: %s; planning in global batches of %d instead", exc, self.global_batch)
+                saved_micro = self.micro_steps
+        # The loop's batch counters are in the saved run's micro-batches: the trainer converts them.
+        self.resumed_micro_steps = saved_micro if saved_micro != self.micro_steps else None
         self.seed = int(state.get("seed", self.seed))
         self.epoch = int(state["epoch"])
         self.start = int(state.get("start", 0))

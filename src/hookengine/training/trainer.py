@@ -16,6 +16,7 @@ from ..core.plugins import PluginError
 from ..core.points import BASE_PRIORITY
 from .agree import Agreement
 from .finite import FiniteGuard, NonFiniteLossError, NonFiniteStateError
+from .run_signature import adapt_to_resumed_world
 from .signals import StopSignals, StoppedBySignal, signal_number
 
 __all__ = [
@@ -114,6 +115,8 @@ class TrainingLoop:
         self.finite = FiniteGuard(engine, self.nonfinite, self.agreement)
         self._guarding = False
         engine.on("checkpoint_loaded", lambda state, path: self.finite.on_loaded(path))
+        # Resumed on another number of processes: accumulation and batch counters follow the sampler.
+        engine.on("checkpoint_loaded", lambda state, path: adapt_to_resumed_world(state))
 
     def state_dict(self) -> dict[str, Any]:
         return {"skipped_nonfinite": self.skipped_nonfinite}

@@ -1,0 +1,148 @@
+"""Exact resume on another number of processes: the saved global batch is kept (bucket batch sampler)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from hookengine.data.sampler import BucketBatchSampler, WorldSizeError, fit_world
+from hookengine.training.run_signature import compare_signatures
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS, STOP = 25, 13  # 10 global batches of 32 per epoch: the stop is mid-epoch 1, the end mid-epoch 2
+
+
+def recipe(tmp: Path, name: str, batch: int, steps: int) -> Path:
+    data = {
+        "name": name,
+        "seed": 1,
+        "run_dir": str(tmp / name),
+        "plugins": {
+            "data": {"use": "tests.multiproc.ws_plugins:BucketDigits", "batch_size": batch},
+            "classifier": {"use": "supervised", "model": "hookengine.demo.digits:DigitsConvNet",
+                           "model_options": {"dropout": 0.0}},
+            "dump": {"use": "tests.multiproc.plugins:DumpWeights", "folder": str(tmp / name / "out")},
+            "record": {"use": "tests.multiproc.ws_plugins:RecordSamples", "folder": str(tmp / name / "out")},
+        },
+        "trainer": {"max_steps": steps, "lr": 0.05, "optimizer": "SGD", "eval_at_phase_end": False},
+        "checkpoint": {"every": 0, "keep_last": 2},
+        "progress": {"enabled": False},
+    }
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def launch(path: Path, *args: str, nproc: int = 1) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "hookengine", "run", str(path), *args]
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--rdzv-backend",
+               "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "-m", "hookengine", "run", str(path), *args]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def seen(tmp: Path, *runs: tuple[str, int]) -> dict[str, list[int]]:
+    """Per epoch, every sample index the ranks of these runs trained on, sorted (repeats kept)."""
+    out: dict[str, list[int]] = {}
+    for name, ranks in runs:
+        for rank in range(ranks):
+            for epoch, indices in json.loads((tmp / name / "out" / f"rank{rank}.json").read_text())["seen"].items():
+                out.setdefault(epoch, []).extend(indices)
+    return {epoch: sorted(indices) for epoch, indices in out.items()}
+
+
+def sizes(tmp: Path, name: str, rank: int = 0) -> set[int]:
+    return set(json.loads((tmp / name / "out" / f"rank{rank}.json").read_text())["sizes"])
+
+
+def weights(tmp: Path, name: str, rank: int = 0) -> dict[str, torch.Tensor]:
+    return load_file(str(tmp / name / "out" / f"rank{rank}.safetensors"))
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_resume_two_to_one_and_one_to_two_processes_sees_every_sample_once(tmp_path: Path) -> None:
+    launch(recipe(tmp_path, "full", 16, STEPS), nproc=2)
+    launch(recipe(tmp_path, "part", 16, STOP), nproc=2)
+    # 2 x 16 → 1 process, same recipe: micro-batches of 16, accumulation x2
+    down = launch(recipe(tmp_path, "down", 16, STEPS), "--resume", str(tmp_path / "part" / "checkpoints"))
+    assert "2 processes x 16 → 1 process x 16 with gradient accumulation x2" in down.stdout, down.stdout[-2000:]
+    # 1 x 32 → 2 processes, same recipe: each rank takes 16 of every 32
+    launch(recipe(tmp_path, "part1", 32, STOP))
+    up = launch(recipe(tmp_path, "up", 32, STEPS), "--resume", str(tmp_path / "part1" / "checkpoints"), nproc=2)
+    assert "1 process x 32 → 2 processes x 16" in up.stdout, up.stdout[-2000:]
+
+    full = seen(tmp_path, ("full", 2))
+    assert set(full) == {"0", "1", "2"} and len(full["0"]) == len(set(full["0"])) == 320
+    assert seen(tmp_path, ("part", 2), ("down", 1)) == full  # every sample of every epoch exactly once
+    assert seen(tmp_path, ("part1", 1), ("up", 2)) == full
+    assert sizes(tmp_path, "down") == {16} and sizes(tmp_path, "up", 1) == {16}
+    reference = weights(tmp_path, "full")
+    for name in ("down", "up"):
+        got = weights(tmp_path, name)
+        for key in reference:
+            torch.testing.assert_close(got[key], reference[key], rtol=1e-4, atol=1e-5)
+    assert all(torch.equal(weights(tmp_path, "up", 0)[k], weights(tmp_path, "up", 1)[k]) for k in reference)
+
+
+def test_fit_world_splits_a_global_batch_into_equal_micro_batches() -> None:
+    assert fit_world(32, 1, 16) == (16, 2)
+    assert fit_world(32, 2, 32) == (16, 1)
+    assert fit_world(32, 4, 16) == (8, 1)
+    assert fit_world(48, 1, 20) == (16, 3)
+    with pytest.raises(WorldSizeError, match=r"global batch of 32 samples cannot be split evenly over 3 processes: "
+                                             r"resume on 1, 2, 4, 8, 16, 32 processes"):
+        fit_world(32, 3, 16)
+
+
+def test_a_sampler_resumed_on_one_process_yields_both_ranks_shares_in_order() -> None:
+    ids = np.zeros(100, dtype=np.int64)
+    ranks = [BucketBatchSampler(ids, 8, num_replicas=2, rank=r, seed=3) for r in range(2)]
+    state = ranks[0].state_dict()
+    state["start"] = 0
+    alone = BucketBatchSampler(ids, 8, seed=3)
+    alone.load_state_dict(state)
+    assert (alone.batch_size, alone.micro_steps, alone.global_batch) == (8, 2, 16)
+    expected = [b for pair in zip(*(list(r) for r in ranks)) for b in pair]
+    assert list(alone) == expected and len(alone) == len(expected) == 12
+    assert alone.state_dict()["plan_replicas"] == 2  # a later resume keeps the same plan
+    alone.set_start(4)  # micro-batches: global batch 2 on
+    assert list(alone) == expected[4:]
+
+
+def _signature(procs: int, batch: int, global_batch: int, micro: int = 1, accumulation: int = 1) -> dict:
+    phase = {"name": "train", "data": "train", "accumulation": accumulation, "batch_size": batch,
+             "global_batch": global_batch, "micro_steps": micro, "replan": True}
+    return {"num_processes": procs, "phases": [phase]}
+
+
+def test_a_global_batch_that_does_not_split_is_refused_naming_the_numbers() -> None:
+    clock = {"step": 5, "phase_index": 0}
+    refuse, handled = compare_signatures(_signature(2, 16, 32), _signature(3, 16, 48), clock)
+    assert handled == [] and len(refuse) == 1
+    assert "global batch of 32 samples cannot be split evenly over 3 processes" in refuse[0]
+    refuse, handled = compare_signatures(_signature(2, 16, 32), _signature(1, 16, 16), clock)
+    assert refuse == [] and "2 processes x 16 → 1 process x 16 with gradient accumulation x2" in handled[0]
+    # a checkpoint of the adjusted run (accumulation 2 over 2 micro-batches) continues on 2 x 16 as before
+    refuse, handled = compare_signatures(_signature(1, 16, 32, micro=2, accumulation=2), _signature(2, 16, 32), clock)
+    assert refuse == []
+    refuse, _ = compare_signatures(_signature(2, 16, 32), _signature(1, 16, 16, accumulation=2), clock)
+    assert refuse and "gradient accumulation" in refuse[0]
