@@ -153,3 +153,16 @@ def test_a_dead_worker_stops_the_run_with_a_message(tmp_path: Path, cluster: Any
         engine.run()
     # The batch submitted ahead before the kill may have its answer already: at most one more step.
     assert steps in ([1, 2], [1, 2, 3])
+
+
+def test_workers_the_cluster_cannot_place_fail_after_the_load_timeout(tmp_path: Path, cluster: Any,
+                                                                       teachers: dict[str, str]) -> None:
+    """Each node has one CPU: a worker asking for two never starts, and the run says so instead of waiting."""
+    from hookengine.scale.ray_teachers import RayTeacherError
+
+    engine, routine = distill_engine(tmp_path, teachers, 2, {"models": {name: teachers[name] for name in TEACHERS},
+                                                               "num_cpus": 2, "load_timeout": 2})
+    with pytest.raises(RayTeacherError, match=r"Ray teacher worker 0 \(teachers \['wide'\]\) did not start and load in 2 s "
+                                              r"\(distill.ray.load_timeout\); does the cluster have 2 CPU\(s\)"):
+        engine.run()
+    assert routine.remote.workers == []

@@ -176,3 +176,20 @@ def test_no_accuracy_without_labels(run_dir: Path) -> None:
     engine.fire("setup")
     engine.call("compute_loss", {"x": batches(1)[0][0]})  # a batch without labels
     assert "accuracy" not in engine.state.metrics and "agreement/teacher" in engine.state.metrics
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"ray": {"address": "auto"}}, "distill.ray is set but distill.teachers_on is 'local'"),
+    ({"teachers_on": "ray", "ray": {"modls": {}}}, r"distill.ray: unknown key\(s\) \['modls'\]; known: \['models'"),
+    ({"teachers_on": "ray", "ray": {"models": {"a": "x"}}}, r"distill.ray.models: no spec for teacher\(s\) \['b'\]"),
+    ({"teachers_on": "ray", "ray": {"models": {"a": "x", "b": "y"}, "teachers_per_worker": 0}},
+     "teachers_per_worker must be at least 1"),
+    ({"teachers_on": "ray", "ray": {"models": {"a": "x", "b": "y"}, "timeout": 0}}, "distill.ray.timeout must be a positive"),
+])
+def test_bad_ray_teacher_options_are_one_line_errors(options: dict, message: str) -> None:
+    """Checked when the plugin is used, before Ray starts (the cluster tests are in tests/test_ray_cluster.py)."""
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'hookengine[scale]')")
+    from hookengine import Engine
+
+    with pytest.raises(ValueError, match=message):
+        Engine().use(DISTILL, name="distill", teachers=["a", "b"], **options)
