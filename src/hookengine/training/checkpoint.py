@@ -259,7 +259,9 @@ class Checkpointing:
         )
 
     def _resume(self, state: Any) -> None:
-        mode = self.resume
+        from .elastic import resume_mode
+
+        mode = resume_mode(self.resume, self.say)  # restarted by torchelastic: "latest"
         if not mode:
             return
         if mode in ("latest", "required"):
