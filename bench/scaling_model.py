@@ -12,8 +12,9 @@ message, beta = seconds per byte on one link):
   tree is bandwidth-optimal up to a constant; this is its latency advantage)
 - ring all-gather / reduce-scatter of a full buffer of S bytes: (N-1) alpha + (N-1)/N S beta
 
-A step = compute + exposed communication + the engine's own per-step costs (host work,
-sampler planning and checkpoint coordination amortised per step, the stop agreement).
+A step = compute + the wait for the slowest rank + exposed communication + the engine's own
+per-step costs (host work, sampler planning and checkpoint coordination amortised per step,
+the stop agreement).
 """
 
 from __future__ import annotations
@@ -133,6 +134,7 @@ class Cluster:
     checkpoint_every: int = 500  # optimizer steps between checkpoints
     host_copy_bytes_per_s: float = 20e9  # GPU -> host copy of the checkpointed state
     checkpoint_background: bool = False  # the checkpoint plugin's default: rank 0 writes in the step
+    jitter_cv: float = 0.02  # step-to-step spread of one GPU's compute time (std / mean)
 
     @property
     def beta(self) -> float:
@@ -197,9 +199,12 @@ def step_time(w: Workload, c: Cluster, m: Measured, n: int, strategy: Strategy) 
         exposed = max(comm - compute, comm / units) if n > 1 else 0.0
     if n <= 1:
         comm = exposed = 0.0
+    # Every collective waits for the slowest rank: the expected maximum of N normal compute
+    # times is about mean + std * sqrt(2 ln N).
+    straggler = compute * c.jitter_cv * math.sqrt(2 * math.log(n)) if n > 1 else 0.0
     engine = engine_terms(w, c, m, n, strategy)
-    total = compute + exposed + sum(engine.values())
-    return {"compute": compute, "comm": comm, "exposed": exposed, **engine, "total": total}
+    total = compute + straggler + exposed + sum(engine.values())
+    return {"compute": compute, "straggler": straggler, "comm": comm, "exposed": exposed, **engine, "total": total}
 
 
 def engine_terms(w: Workload, c: Cluster, m: Measured, n: int, strategy: Strategy) -> dict[str, float]:
@@ -284,14 +289,40 @@ def engine_table(m: Measured, algorithm: Algorithm = "ring") -> str:
     """The engine's own terms (ms per step) at each N, for the SD LoRA DDP run on 400 Gb/s."""
     w = WORKLOADS[0]
     c = Cluster(name="400 Gb/s", link_bytes_per_s=400e9 / 8, algorithm=algorithm)
-    lines = ["| N | compute | exposed comm | host | sampler plan | stop agreement | checkpoint | total |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| N | compute | straggler | exposed comm | host | sampler plan | stop agreement | checkpoint | total |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for n in [1, *MACHINES]:
         t = step_time(w, c, m, n, "ddp")
         lines.append(f"| {n} | " + " | ".join(f"{t[k] * 1e3:.3f}" for k in
-                     ("compute", "exposed", "host", "plan", "agree", "checkpoint", "total")) + " |")
+                     ("compute", "straggler", "exposed", "host", "plan", "agree", "checkpoint", "total")) + " |")
     return "\n".join(lines)
 
 
 def with_algorithm(c: Cluster, algorithm: Algorithm) -> Cluster:
     return replace(c, algorithm=algorithm)
+
+
+def fixed_batch_table(m: Measured, global_batch: dict[str, int] | None = None, algorithm: Algorithm = "tree") -> str:
+    """Strong scaling: the global batch stays fixed, so each GPU's batch shrinks as N grows.
+
+    DDP for the LoRA runs and SD full, FSDP for 7B full; 400 Gb/s. Below one sample per GPU
+    the run cannot use the machines at all.
+    """
+    global_batch = global_batch or {"SD UNet LoRA r16": 2048, "SD UNet full": 2048, "7B LoRA r16": 512, "7B full": 512}
+    c = Cluster(name="400 Gb/s", link_bytes_per_s=400e9 / 8, algorithm=algorithm)
+    lines = ["| workload | strategy | global batch | " + " | ".join(f"N={n}" for n in MACHINES) + " |",
+             "|" + "---|" * (3 + len(MACHINES))]
+    for w in WORKLOADS:
+        strategy: Strategy = "fsdp" if w.name == "7B full" else "ddp"
+        g = global_batch[w.name]
+        cells = []
+        for n in MACHINES:
+            if g < n:
+                cells.append(f"{g / n:.2f} samples/GPU: idle GPUs")
+                continue
+            wn = replace(w, batch_per_gpu=g // n)
+            t = step_time(wn, c, m, n, strategy)
+            ideal = step_time(wn, c, m, 1, strategy)["total"]  # the same per-GPU work, no communication
+            cells.append(f"b={g // n}: {t['total'] * 1e3:.0f} ms, {ideal / t['total'] * 100:.0f} %")
+        lines.append(f"| {w.name} | {strategy.upper()} | {g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
