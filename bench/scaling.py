@@ -321,7 +321,10 @@ def report(p: dict[str, Any]) -> str:
               "\nThe engine's own terms (ms per step), SD LoRA DDP, 400 Gb/s, ring", model.engine_table(m, "ring"),
               "\nThe same, tree", model.engine_table(m, "tree"),
               "\nA fixed global batch (strong scaling), 400 Gb/s, tree: per-GPU batch, step time, "
-              "efficiency vs the same per-GPU work without communication", model.fixed_batch_table(m)]
+              "efficiency vs the same per-GPU work without communication", model.fixed_batch_table(m),
+              "\nCheckpoints: rank 0 writes the trainable state (fp32 weights + Adam, 12 bytes/parameter)",
+              model.checkpoint_table(m),
+              "\nEpoch planning (plan_epoch on every rank, batch 8 per GPU)", model.planning_table(m)]
     return "\n".join(parts)
 
 

@@ -223,8 +223,10 @@ def engine_terms(w: Workload, c: Cluster, m: Measured, n: int, strategy: Strateg
              + 2 * all_reduce(n, 8, c.alpha, c.beta, c.algorithm)) if n > 1 else 0.0
     gather_state = state / c.link_bytes_per_s if strategy == "fsdp" and n > 1 else 0.0
     write = state / c.host_copy_bytes_per_s
-    if not c.checkpoint_background:  # a background write is hidden while it is shorter than the interval
+    if not c.checkpoint_background:
         write += state * m.checkpoint_s_per_byte
+    # (A background write is hidden while it is shorter than checkpoint_every steps; the
+    # next save waits for it otherwise: see checkpoint_table.)
     ckpt = (coord + gather_state + write) / c.checkpoint_every
     return {"host": host, "plan": plan, "agree": agree, "checkpoint": ckpt}
 
@@ -325,4 +327,32 @@ def fixed_batch_table(m: Measured, global_batch: dict[str, int] | None = None, a
             ideal = step_time(wn, c, m, 1, strategy)["total"]  # the same per-GPU work, no communication
             cells.append(f"b={g // n}: {t['total'] * 1e3:.0f} ms, {ideal / t['total'] * 100:.0f} %")
         lines.append(f"| {w.name} | {strategy.upper()} | {g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def checkpoint_table(m: Measured, every: int = 500) -> str:
+    """Rank 0 writes the whole trainable state: seconds per save at this machine's write rate,
+    its share of each step (foreground, every ``every`` steps) and what FSDP adds."""
+    lines = ["| workload | state written | write per save | per step (every %d, 8 machines, 400 Gb/s) | "
+             "FSDP: gather to rank 0 / rank-0 host memory |" % every, "|---|---|---|---|---|"]
+    for w in WORKLOADS:
+        state = w.trainable * STATE_BYTES
+        write = state * m.checkpoint_s_per_byte
+        c = Cluster(name="400 Gb/s", link_bytes_per_s=400e9 / 8, checkpoint_every=every, algorithm="tree")
+        t = step_time(w, c, m, 8, "ddp")
+        lines.append(f"| {w.name} | {state / 1e9:.2f} GB | {write:.1f} s | {t['checkpoint'] * 1e3:.1f} ms of "
+                     f"{t['total'] * 1e3:.0f} ms | {state / c.link_bytes_per_s:.1f} s / {state / 1e9:.1f} GB |")
+    return "\n".join(lines)
+
+
+def planning_table(m: Measured, batch: int = 8) -> str:
+    """Every rank plans the whole epoch: seconds at each epoch start, the plan's memory on each
+    rank, and the cost per step at 3500 machines (an epoch is samples / (batch x N) steps)."""
+    lines = ["| samples per epoch | plan (every rank, each epoch) | plan memory per rank | per step at N=512 / 3500 |",
+             "|---|---|---|---|"]
+    for samples in (1e6, 1e7, 1e8, 1e9, 5e9):
+        plan = samples * m.plan_s_per_sample
+        per_step = [m.plan_s_per_sample * batch * n * 1e3 for n in (512, 3500)]
+        lines.append(f"| {samples:.0e} | {plan:.1f} s | {samples * 8 / 1e9:.2f} GB | "
+                     f"{per_step[0]:.1f} / {per_step[1]:.1f} ms |")
     return "\n".join(lines)

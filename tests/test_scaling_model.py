@@ -84,6 +84,19 @@ def test_engine_terms_by_hand():
     assert not sm.fits(sm.WORKLOADS[3], c, "ddp", 8) and sm.fits(sm.WORKLOADS[3], c, "fsdp", 8)
 
 
+def test_stragglers_and_checkpoints_cost_time():
+    m = sm.Measured.from_json(PARAMS)
+    w = sm.WORKLOADS[1]  # SD full: 860 M trainable parameters, 12 bytes each in a checkpoint
+    steady = sm.Cluster(name="x", jitter_cv=0.0)
+    jittery = sm.Cluster(name="x", jitter_cv=0.05)
+    t = sm.step_time(w, jittery, m, 3500, "ddp")
+    assert t["straggler"] == pytest.approx(t["compute"] * 0.05 * math.sqrt(2 * math.log(3500)))
+    assert sm.step_time(w, steady, m, 3500, "ddp")["straggler"] == 0.0
+    # Foreground save every 500 steps: state x seconds per byte, spread over 500 steps (plus the copy).
+    write = 860e6 * 12 * PARAMS["checkpoint_s_per_byte"] / 500
+    assert sm.engine_terms(w, steady, m, 1, "ddp")["checkpoint"] == pytest.approx(write + 860e6 * 12 / 20e9 / 500)
+
+
 def test_missing_parameter_is_named():
     with pytest.raises(ValueError, match="plan_s_per_sample"):
         sm.Measured.from_json({k: v for k, v in PARAMS.items() if k != "plan_s_per_sample"})
@@ -97,6 +110,9 @@ def test_dry_run_prints_the_table_without_measuring(tmp_path):
     assert out.returncode == 0, out.stderr
     assert sm.prediction_table(sm.Measured.from_json(PARAMS), "ring") in out.stdout
     assert "N=3500" in out.stdout and "SD UNet LoRA r16" in out.stdout
+    m = sm.Measured.from_json(PARAMS)
+    for table in (sm.engine_table(m, "tree"), sm.fixed_batch_table(m), sm.checkpoint_table(m), sm.planning_table(m)):
+        assert table in out.stdout
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"gloo_alpha": 1e-4}))
     out = subprocess.run([sys.executable, str(BENCH / "scaling.py"), "--dry", str(bad)],
