@@ -6,6 +6,10 @@ attaches the slot ``fan_out(function, items, **kwargs) -> list``; with ``backend
 the jobs run as Ray tasks (``ray.init(address=...)`` joins a cluster, no address starts
 a local one), with ``backend: local`` they run one after another in this process, which
 is also the reference the Ray results are tested against.
+
+Jobs here load their model each time. Distillation during training, where every step needs
+the teachers' outputs for its batch, keeps the teachers loaded on Ray workers instead:
+``distill``'s ``teachers_on: ray`` (:mod:`hookengine.scale.ray_teachers`).
 """
 
 from __future__ import annotations
