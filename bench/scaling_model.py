@@ -135,6 +135,7 @@ class Cluster:
     host_copy_bytes_per_s: float = 20e9  # GPU -> host copy of the checkpointed state
     checkpoint_background: bool = False  # the checkpoint plugin's default: rank 0 writes in the step
     jitter_cv: float = 0.02  # step-to-step spread of one GPU's compute time (std / mean)
+    agreements_per_step: float = 2 / 10  # the trainer's finite and stop checks, each every 10 steps
 
     @property
     def beta(self) -> float:
@@ -213,9 +214,10 @@ def engine_terms(w: Workload, c: Cluster, m: Measured, n: int, strategy: Strateg
     # Every rank plans the whole epoch (dataset_samples) once per epoch; an epoch has
     # dataset_samples / (batch x N) steps, so per step this is plan_s x batch x N.
     plan = m.plan_s_per_sample * w.batch_per_gpu * n
-    # Stop agreement: one gloo all-reduce of one integer every stop_check_every (10) steps.
+    # Agreements: one gloo all-reduce of one integer for the non-finite check every
+    # trainer.finite_check_every (10) steps and one for stop signals every stop_check_every (10).
     gloo_alpha = m.gloo_alpha + c.host_alpha
-    agree = all_reduce(n, 8, gloo_alpha, m.gloo_beta, c.algorithm) / 10 if n > 1 else 0.0
+    agree = all_reduce(n, 8, gloo_alpha, m.gloo_beta, c.algorithm) * c.agreements_per_step if n > 1 else 0.0
     # Checkpoint: gather every rank's RNG state to rank 0 (gather_object), two barriers,
     # rank 0 writes trainable state (12 bytes/param); FSDP first gathers it to rank 0.
     state = w.trainable * STATE_BYTES
@@ -291,7 +293,7 @@ def engine_table(m: Measured, algorithm: Algorithm = "ring") -> str:
     """The engine's own terms (ms per step) at each N, for the SD LoRA DDP run on 400 Gb/s."""
     w = WORKLOADS[0]
     c = Cluster(name="400 Gb/s", link_bytes_per_s=400e9 / 8, algorithm=algorithm)
-    lines = ["| N | compute | straggler | exposed comm | host | sampler plan | stop agreement | checkpoint | total |",
+    lines = ["| N | compute | straggler | exposed comm | host | sampler plan | agreements | checkpoint | total |",
              "|---|---|---|---|---|---|---|---|---|"]
     for n in [1, *MACHINES]:
         t = step_time(w, c, m, n, "ddp")
