@@ -56,6 +56,7 @@ class Runtime:
             # A bounded collective timeout: if a rank dies, the others fail instead of hanging.
             handlers = list(self.accelerator_options.pop("kwargs_handlers", []))
             handlers.append(InitProcessGroupKwargs(timeout=timedelta(seconds=self.timeout_s)))
+            _elastic_process_group(self.timeout_s)  # a torchelastic restart: a fresh store prefix
             self._accelerator = Accelerator(
                 mixed_precision=self.mixed_precision, cpu=self.cpu or _cpu_processes(), kwargs_handlers=handlers,
                 **self.accelerator_options,
@@ -154,6 +155,28 @@ class Runtime:
         if self._accelerator is not None:
             self.wait_for_everyone()
             self._accelerator.end_training()
+
+
+def _elastic_process_group(timeout_s: float) -> None:
+    """After a torchelastic restart, start the process group on a store prefixed by the restart
+    count: torchrun's agent keeps one store for all attempts, and the first attempt's addresses
+    left in it make the new group connect to dead workers ("Connection refused")."""
+    import os
+
+    restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if restarts == "0" or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    world, timeout = int(os.environ["WORLD_SIZE"]), timedelta(seconds=timeout_s)
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timeout)
+    dist.init_process_group(store=dist.PrefixStore(f"hookengine/restart_{restarts}", store),
+                            rank=int(os.environ["RANK"]), world_size=world, timeout=timeout)
 
 
 def _cpu_processes() -> bool:
