@@ -146,7 +146,13 @@ def test_a_dead_worker_stops_the_run_with_a_message(tmp_path: Path, cluster: Any
     def kill_at_step_2(state: Any, loss: Any) -> None:
         steps.append(state.clock.step)
         if state.clock.step == 2:
-            ray.kill(routine.remote.workers[1], no_restart=True)
+            worker = routine.remote.workers[1]
+            ray.kill(worker, no_restart=True)
+            while True:  # the kill is asynchronous: wait (by progress) until calls find the worker dead
+                try:
+                    ray.get(worker.node.remote(), timeout=30)
+                except ray.exceptions.RayActorError:
+                    break
 
     engine.on("step_end", kill_at_step_2)
     with pytest.raises(RayTeacherError, match=r"Ray teacher worker 1 \(teachers \['deep'\]; node [\d.]+, id \w{12}\) died"):
