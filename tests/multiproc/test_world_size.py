@@ -20,7 +20,6 @@ from hookengine.data.sampler import BucketBatchSampler, WorldSizeError, fit_worl
 from hookengine.training.run_signature import compare_signatures
 
 ROOT = Path(__file__).resolve().parents[2]
-STEPS, STOP = 25, 13  # 10 global batches of 32 per epoch: the stop is mid-epoch 1, the end mid-epoch 2
 
 
 def recipe(tmp: Path, name: str, batch: int, steps: int) -> Path:
@@ -79,28 +78,25 @@ def weights(tmp: Path, name: str, rank: int = 0) -> dict[str, torch.Tensor]:
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-def test_resume_two_to_one_and_one_to_two_processes_sees_every_sample_once(tmp_path: Path) -> None:
-    launch(recipe(tmp_path, "full", 16, STEPS), nproc=2)
-    launch(recipe(tmp_path, "part", 16, STOP), nproc=2)
-    # 2 x 16 → 1 process, same recipe: micro-batches of 16, accumulation x2
-    down = launch(recipe(tmp_path, "down", 16, STEPS), "--resume", str(tmp_path / "part" / "checkpoints"))
+def test_resume_two_to_one_to_two_processes_sees_every_sample_once(tmp_path: Path) -> None:
+    launch(recipe(tmp_path, "full", 16, 25), nproc=2)  # 10 global batches of 32 per epoch
+    launch(recipe(tmp_path, "part", 16, 7), nproc=2)  # stops mid-epoch 0
+    # 2 x 16 → 1 process, the same recipe: micro-batches of 16, accumulation x2; stops mid-epoch 1
+    down = launch(recipe(tmp_path, "down", 16, 16), "--resume", str(tmp_path / "part" / "checkpoints"))
     assert "2 processes x 16 → 1 process x 16 with gradient accumulation x2" in down.stdout, down.stdout[-2000:]
-    # 1 x 32 → 2 processes, same recipe: each rank takes 16 of every 32
-    launch(recipe(tmp_path, "part1", 32, STOP))
-    up = launch(recipe(tmp_path, "up", 32, STEPS), "--resume", str(tmp_path / "part1" / "checkpoints"), nproc=2)
-    assert "1 process x 32 → 2 processes x 16" in up.stdout, up.stdout[-2000:]
+    # → 2 processes with batch_size 32: each rank takes 16 of every global batch of 32
+    up = launch(recipe(tmp_path, "up", 32, 25), "--resume", str(tmp_path / "down" / "checkpoints"), nproc=2)
+    assert "1 process x 16 → 2 processes x 16" in up.stdout, up.stdout[-2000:]
 
     full = seen(tmp_path, ("full", 2))
     assert set(full) == {"0", "1", "2"} and len(full["0"]) == len(set(full["0"])) == 320
-    assert seen(tmp_path, ("part", 2), ("down", 1)) == full  # every sample of every epoch exactly once
-    assert seen(tmp_path, ("part1", 1), ("up", 2)) == full
-    assert sizes(tmp_path, "down") == {16} and sizes(tmp_path, "up", 1) == {16}
-    reference = weights(tmp_path, "full")
-    for name in ("down", "up"):
-        got = weights(tmp_path, name)
-        for key in reference:
-            torch.testing.assert_close(got[key], reference[key], rtol=1e-4, atol=1e-5)
-    assert all(torch.equal(weights(tmp_path, "up", 0)[k], weights(tmp_path, "up", 1)[k]) for k in reference)
+    # every sample of every epoch exactly once, across the three runs
+    assert seen(tmp_path, ("part", 2), ("down", 1), ("up", 2)) == full
+    assert sizes(tmp_path, "down") == sizes(tmp_path, "up", 1) == {16}
+    reference, got = weights(tmp_path, "full"), weights(tmp_path, "up")
+    for key in reference:
+        torch.testing.assert_close(got[key], reference[key], rtol=1e-4, atol=1e-5)
+    assert all(torch.equal(got[k], weights(tmp_path, "up", 1)[k]) for k in reference)  # ranks in sync
 
 
 def test_fit_world_splits_a_global_batch_into_equal_micro_batches() -> None:
