@@ -59,7 +59,7 @@ def _train_step(net: Any, opt: Any, x: Any, y: Any) -> None:
 
 
 # ------------------------------------------------------------ 2 gloo processes
-def _worker(rank: int, port: int, repeats: int, out: str) -> None:
+def _worker(rank: int, port: int, repeats: int, out: str, sizes: list[int]) -> None:
     import torch
     import torch.distributed as dist
 
@@ -96,7 +96,7 @@ def _worker(rank: int, port: int, repeats: int, out: str) -> None:
     scatter_ok = supported(lambda: dist.reduce_scatter_tensor(probe_half, probe))
     if not scatter_ok:
         del results["reduce_scatter"]  # not in this gloo build; the model uses all-gather's fit
-    for size in SIZES:
+    for size in sizes:
         n = max(2, size // 4)  # float32 elements, even so both ranks hold half
         full = torch.ones(n)
         half = torch.ones(n // 2)
@@ -127,7 +127,8 @@ def _worker(rank: int, port: int, repeats: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def measure_collectives(repeats: int) -> dict[str, Any]:
+def measure_collectives(repeats: int, sizes: list[int] = SIZES) -> dict[str, Any]:
+    """Spawn 2 gloo processes on loopback; medians per collective and size, and their fits."""
     import torch.multiprocessing as mp
 
     with socket.socket() as s:
@@ -135,7 +136,7 @@ def measure_collectives(repeats: int) -> dict[str, Any]:
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "collectives.json")
-        mp.spawn(_worker, args=(port, repeats, out), nprocs=2, join=True)
+        mp.spawn(_worker, args=(port, repeats, out, list(sizes)), nprocs=2, join=True)
         raw = json.loads(Path(out).read_text())
     fits = {}
     for kind in ("all_reduce", "all_gather", "reduce_scatter"):

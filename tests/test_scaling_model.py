@@ -119,3 +119,17 @@ def test_dry_run_prints_the_table_without_measuring(tmp_path):
     out = subprocess.run([sys.executable, str(BENCH / "scaling.py"), "--dry", str(bad)],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "missing key" in out.stderr and "bad.json" in out.stderr
+
+
+@pytest.mark.multiprocess
+def test_two_gloo_processes_measure_positive_parameters():
+    """The bench's measuring half: 2 gloo processes, every collective, the DDP check (seconds)."""
+    import scaling
+
+    out = scaling.measure_collectives(repeats=2, sizes=[8, 4096, 65536])
+    for kind in ("all_reduce", "all_gather"):
+        alpha, beta = out["fits"][kind]
+        assert alpha > 0 and beta > 0, (kind, alpha, beta)
+        assert set(out["raw"][kind]) == {"8", "4096", "65536"}
+    for key in ("ddp_step_s", "local_step_s", "grad_all_reduce_s"):
+        assert out["raw"][key] > 0
