@@ -280,7 +280,7 @@ def parameter_table(p: dict[str, Any]) -> str:
         ("compute per sample (MLP 256-1024-1024-10, batch 32, 1 thread)",
          lambda: f"{p['compute_s_per_sample'] * 1e6:.1f} µs (marginal {p['compute_s_marginal'] * 1e6:.1f} µs)"),
         ("compute per sample", lambda: f"{p['compute_s_per_sample'] * 1e6:.1f} µs"),
-        ("engine per-step cost (hookengine - raw torch loop)", lambda: f"{p['engine_step_s'] * 1e6:.1f} µs"),
+        ("engine per-step cost (hookengine, 20 listeners - raw torch loop)", lambda: f"{p['engine_step_s'] * 1e6:.1f} µs"),
         ("sampler plan_epoch per sample (1 / 64 replicas)",
          lambda: f"{p['plan_s_per_sample_1'] * 1e9:.0f} / {p['plan_s_per_sample_64'] * 1e9:.0f} ns"),
         ("sampler plan_epoch per sample", lambda: f"{p['plan_s_per_sample'] * 1e9:.0f} ns"),
