@@ -84,8 +84,10 @@ class TeacherWorker:
         for name, spec in self.specs.items():
             try:
                 model = loader.load(spec, name=name)
-                model.requires_grad_(False)
-                model.eval()
+                if hasattr(model, "requires_grad_"):
+                    model.requires_grad_(False)
+                if hasattr(model, "eval"):
+                    model.eval()
                 self._hook(name, model)
                 self.cache.add(name, model, frozen=True)  # frozen: a disk copy is written once
             except Exception as exc:
@@ -93,17 +95,15 @@ class TeacherWorker:
         return None
 
     def _hook(self, name: str, model: Any) -> None:
+        from ..routines.distill import _capture  # what local distillation keeps of a module's output
+
         store = self.captured.setdefault(name, {})
         for path in self.features:
             try:
                 module = model.get_submodule(path)
             except AttributeError:
                 raise ValueError(f"distill.features: teacher {name!r} has no module {path!r}") from None
-
-            def keep(module: Any, args: Any, output: Any, path: str = path) -> None:
-                store[path] = output.logits if hasattr(output, "logits") else output
-
-            module.register_forward_hook(keep)
+            module.register_forward_hook(_capture(store, path))
 
     def outputs(self, names: list[str], inputs: Any) -> dict[str, Any]:
         """``{teacher: (logits, {path: feature})}`` on the CPU for one batch, or ``{"error": message}``."""
