@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import shutil
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +25,7 @@ from .checkpoint_files import (
     latest_checkpoint,
     load_tree,
     save_tree,
+    staging_folder,
     write_checkpoint,
 )
 from .run_lock import RunLock, RunLockError
@@ -157,11 +159,16 @@ class Checkpointing:
 
             tree["rng_per_rank"] = gather_object([tree["rng"]])
         engine.runtime.wait_for_everyone()
+        target = Path(folder) if folder else self.directory
+        staged = self._save_shards(tree, target, step) if engine.runtime.fsdp is not None else None
+        if staged is not None:
+            tree = staged[0]
         path = None
         if engine.state.is_main_process:
-            target = Path(folder) if folder else self.directory
             path = target / f"{_PREFIX}{step:08d}"
-            if self.background:
+            if staged is not None:  # every process wrote its shards; written in the foreground
+                write_checkpoint(tree, target, step, self.keep_last, staged=staged[1])
+            elif self.background:
                 self.wait()  # one write at a time, in order
                 snapshot = _snapshot(tree)
                 self._pending = self._pool().submit(write_checkpoint, snapshot, target, step, self.keep_last)
@@ -170,7 +177,30 @@ class Checkpointing:
             self.last_saved = path
             engine.fire("checkpoint_saved", path=path)
         engine.runtime.wait_for_everyone()
+        # On every rank: _final decides from it whether to save again, and a save is collective.
+        self.last_saved = target / f"{_PREFIX}{step:08d}"
         return path
+
+    def _save_shards(self, tree: dict[str, Any], target: Path, step: int) -> tuple[dict[str, Any], Path]:
+        """Every process writes its model/optimizer shards into the main process's staging folder
+        (scale/fsdp_checkpoint.py); returns the tree without them and that folder."""
+        from ..scale.fsdp_checkpoint import FOLDER, save_shards, split_tree
+
+        self.wait()  # a background write of a plain checkpoint still going
+        runtime = self.engine.runtime
+        staging = [str(staging_folder(target, step))]
+        if runtime.distributed:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(staging, from_process=0)
+        staged = Path(staging[0])
+        if runtime.is_main_process and staged.exists():
+            shutil.rmtree(staged)
+        runtime.wait_for_everyone()
+        tree, shards = split_tree(tree)
+        save_shards(shards, staged / FOLDER)
+        runtime.wait_for_everyone()
+        return tree, staged
 
     def wait(self) -> None:
         """Block until a background write has finished; re-raise its error, if any."""
@@ -224,6 +254,10 @@ class Checkpointing:
             path, tree = self.newest_valid(path)
         self._check_shape(path, tree)
         try:
+            if "sharded" in tree:  # written by an FSDP run: read on any number of processes
+                from ..scale.fsdp_checkpoint import restore_tree
+
+                tree = restore_tree(tree, self.engine.state, path)
             self.engine.load_state_dict(tree)
         except CheckpointError:
             raise

@@ -24,7 +24,7 @@ from typing import Any
 
 __all__ = [
     "CheckpointError", "CorruptCheckpointError", "save_tree", "load_tree", "verify_checkpoint",
-    "checkpoints_in", "latest_checkpoint", "write_checkpoint", "clean_stale", "step_of",
+    "checkpoints_in", "latest_checkpoint", "write_checkpoint", "staging_folder", "clean_stale", "step_of",
     "TENSORS", "META", "MANIFEST", "PREFIX",
 ]
 
@@ -218,7 +218,12 @@ def save_tree(tree: Any, folder: Path) -> None:
         json.dump(encoded, f)
         f.flush()
         os.fsync(f.fileno())
-    _write_manifest(folder, [TENSORS, META])
+    # Files already there (the shards of a sharded checkpoint, written by every process) are
+    # listed and hashed too; a plain checkpoint has none.
+    extra = sorted(
+        p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.parent != folder
+    )
+    _write_manifest(folder, [TENSORS, META, *extra])
 
 
 def load_tree(folder: Path) -> Any:
@@ -284,19 +289,27 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def write_checkpoint(tree: Any, folder: Path, step: int, keep_last: int | None) -> Path:
+def staging_folder(folder: Path, step: int) -> Path:
+    """The temporary folder a checkpoint of ``step`` is written in (named after this process)."""
+    return Path(folder) / f".{PREFIX}{step:08d}.tmp-{os.getpid()}"
+
+
+def write_checkpoint(
+    tree: Any, folder: Path, step: int, keep_last: int | None, staged: Path | None = None
+) -> Path:
     """Write ``tree`` as ``folder/step-NNNNNNNN`` and prune to the newest ``keep_last``.
 
     A complete checkpoint of ``step`` is visible at every moment: when the step is saved
     again, the new copy appears as ``step-NNNNNNNN-K`` before the old one is moved away,
-    then takes the plain name.
+    then takes the plain name. ``staged``: the :func:`staging_folder` already holding files
+    written by other processes (shards), which the manifest then covers.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"{PREFIX}{step:08d}"
     pid = os.getpid()
-    tmp = folder / f".{final.name}.tmp-{pid}"
-    if tmp.exists():
+    tmp = staged or folder / f".{final.name}.tmp-{pid}"
+    if staged is None and tmp.exists():
         shutil.rmtree(tmp)
     save_tree(tree, tmp)
     same = sorted(p for p in folder.iterdir() if (k := step_of(p.name)) is not None and k[0] == step)
