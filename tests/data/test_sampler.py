@@ -161,3 +161,49 @@ def test_planning_one_million_is_fast():
     plan = plan_epoch(ids, 8, num_replicas=2, remainder="pad")
     assert time.perf_counter() - start < 3.0  # ~0.3 s here
     assert plan.batches.shape[1] == 16
+
+
+@pytest.mark.parametrize("remainder", ["drop", "pad", "carry"])
+@pytest.mark.parametrize(("saved", "now"), [((8, 2), (8, 1)), ((16, 1), (16, 2)), ((4, 4), (8, 2)), ((6, 2), (4, 3))])
+def test_another_world_resumes_the_saved_plan_sample_for_sample(remainder, saved, now):
+    """A state saved by ``saved = (batch, processes)`` continues on ``now``: mid-epoch and into the
+    next epochs, the new ranks together train on exactly the samples of the old ranks, step by step."""
+    ids = _ids()
+    old = [BucketBatchSampler(ids, saved[0], num_replicas=saved[1], rank=r, seed=5, remainder=remainder)
+           for r in range(saved[1])]
+    for s in old:
+        s.set_epoch(1)
+    state = old[0].state_dict()
+    new = [BucketBatchSampler(ids, now[0], num_replicas=now[1], rank=r, seed=5, remainder=remainder)
+           for r in range(now[1])]
+    for s in new:
+        s.load_state_dict(state)
+    micro = new[0].micro_steps
+    assert new[0].global_batch == saved[0] * saved[1] and new[0].batch_size * micro * now[1] == new[0].global_batch
+    for epoch in (1, 2, 3):
+        for s in old + new:
+            s.set_epoch(epoch)
+            s.set_start(3 * micro if s in new else 3)  # resumed after 3 global batches
+        before = [list(s) for s in old]
+        after = [list(s) for s in new]
+        assert len(after[0]) == len(before[0]) * micro
+        for step in range(len(before[0])):
+            old_samples = sorted(i for r in before for i in r[step])
+            new_samples = sorted(i for r in after for b in r[step * micro:(step + 1) * micro] for i in b)
+            assert old_samples == new_samples
+
+
+def test_a_state_without_a_plan_loads_as_before_and_a_replanned_one_keeps_it():
+    ids = _ids()
+    sampler = BucketBatchSampler(ids, 8, seed=2)
+    state = sampler.state_dict()
+    for key in ("plan_batch_size", "plan_replicas", "micro_steps"):
+        state.pop(key)
+    fresh = BucketBatchSampler(ids, 8, seed=2)
+    fresh.load_state_dict(state)
+    assert (fresh.global_batch, fresh.micro_steps, fresh.resumed_micro_steps) == (8, 1, None)
+    two = BucketBatchSampler(ids, 8, num_replicas=2, rank=0, seed=2, remainder="drop")
+    fresh.load_state_dict(two.state_dict())
+    assert (fresh.global_batch, fresh.batch_size, fresh.micro_steps, fresh.resumed_micro_steps) == (16, 8, 2, 1)
+    assert len(fresh) == 2 * len(two)
+    assert (fresh.plan().dropped_rank == -1).all()  # drops are not attributed to ranks of the saved world

@@ -325,7 +325,9 @@ class Bucketing:
             rebucket=(lambda epoch: self.engine.call("rebucket", epoch).bucket) if self.epoch_dependent else None,
             planner=lambda *args, **kwargs: self.engine.call("reshuffle", *args, **kwargs),
             with_epoch=True,
-            on_plan=lambda epoch, plan: self._report_epoch(epoch, plan, batch_size, num_replicas, split),
+            # After a resume on another world the sampler yields a share of the saved global batch.
+            on_plan=lambda epoch, plan: self._report_epoch(epoch, plan, sampler.global_batch // num_replicas,
+                                                           num_replicas, split),
         )
         if split == "train":
             self.sampler = sampler

@@ -350,6 +350,8 @@ class BucketBatchSampler:
         """The plan of the current epoch (computed once per epoch)."""
         if self._plan is None or self._plan_epoch != self.epoch:
             plan = self._make_plan(self.epoch, self._carry_in(self.epoch))
+            if self.plan_replicas != self.num_replicas:  # the planner attributed drops to the saved world's ranks
+                plan.dropped_rank = np.full(len(plan.dropped), -1, dtype=np.int64)
             self._carry[self.epoch + 1] = plan.carry
             self._plan, self._plan_epoch = plan, self.epoch
             self._log(plan)
