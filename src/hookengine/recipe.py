@@ -174,6 +174,7 @@ class RuntimeSection(BaseModel):
     mixed_precision: Literal["no", "fp16", "bf16", "fp8"] = "no"
     cpu: bool = False
     timeout_s: float = 300.0
+    fsdp: dict[str, Any] | bool | None = None  # checked by hookengine.scale.fsdp.FsdpOptions
 
 
 class Recipe(BaseModel):
@@ -431,6 +432,7 @@ def apply_recipe(engine: Any, recipe: Recipe) -> None:
     runtime.mixed_precision = recipe.runtime.mixed_precision
     runtime.cpu = recipe.runtime.cpu
     runtime.timeout_s = recipe.runtime.timeout_s
+    runtime.fsdp = recipe.runtime.fsdp
     engine.state.run_dir = recipe.resolved_run_dir()
     engine.state.config = recipe.model_dump()
     engine.defaults = recipe.defaults

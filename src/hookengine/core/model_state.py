@@ -98,13 +98,18 @@ def split_model_state(
 
 def frozen_fingerprint(tensors: dict[str, Any], cache: dict[str, Any], name: str) -> str:
     """A content hash of ``tensors`` (names, dtypes, shapes, bytes), reused while unchanged."""
-    signature = [(k, id(t), t._version, t.data_ptr()) for k, t in sorted(tensors.items())]
+    # A sharded (FSDP, DTensor) tensor is identified by its local shard, and hashed whole
+    # (a collective every process makes in the same order), so the hash does not depend
+    # on the number of processes.
+    signature = [(k, id(t), t._version, _local(t).data_ptr()) for k, t in sorted(tensors.items())]
     cached = cache.get(name)
     if cached is not None and cached[0] == signature:
         return cached[1]
     digest = hashlib.sha256()
     for key, _, _, _ in signature:
         tensor = tensors[key].detach()
+        if hasattr(tensor, "full_tensor"):
+            tensor = tensor.full_tensor()
         digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         flat = tensor.to("cpu").contiguous().reshape(-1)
         if flat.numel():
@@ -114,6 +119,10 @@ def frozen_fingerprint(tensors: dict[str, Any], cache: dict[str, Any], name: str
     value = digest.hexdigest()
     cache[name] = (signature, value)
     return value
+
+
+def _local(tensor: Any) -> Any:
+    return getattr(tensor, "_local_tensor", tensor)
 
 
 def load_model_state(

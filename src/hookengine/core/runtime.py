@@ -1,6 +1,8 @@
 """The runtime: accelerate's ``Accelerator``, created once and used only where it works.
 
-accelerate does devices, mixed precision, DDP, FSDP and DeepSpeed. Its wrappers also cost
+accelerate does devices, mixed precision, DDP and DeepSpeed (FSDP when set in accelerate's
+config); ``fsdp=`` (``runtime.fsdp`` in a recipe) shards with FSDP2 directly
+(:mod:`hookengine.scale.fsdp`, docs/DISTRIBUTED.md). Its wrappers also cost
 about 200 µs per step on a small model (bench/step_overhead.py), so the optimizer is wrapped and
 ``accelerator.backward`` is used only when they do something (a gradient scaler,
 DeepSpeed, FSDP); plain single-device fp32/bf16 training calls torch directly.
@@ -13,7 +15,7 @@ from typing import Any, Iterator
 
 __all__ = ["Runtime"]
 
-_FLAGS = ("num_processes", "process_index", "is_main_process", "distributed", "wraps_optimizer")
+_FLAGS = ("num_processes", "process_index", "is_main_process", "distributed", "wraps_optimizer", "sharded", "deepspeed")
 
 
 class Runtime:
@@ -24,6 +26,9 @@ class Runtime:
         mixed_precision: ``"no"``, ``"fp16"``, ``"bf16"`` (as accelerate).
         cpu: force the CPU even when a GPU is there.
         timeout_s: how long a collective may wait for the other ranks before failing.
+        fsdp: shard models with FSDP2 (``fully_shard``) when several processes run: a mapping
+            of :class:`hookengine.scale.fsdp.FsdpOptions` or ``True``; checkpoints are then
+            sharded (``torch.distributed.checkpoint``) and resume on any number of processes.
         accelerator_options: more keyword arguments for ``accelerate.Accelerator``.
     """
 
@@ -33,14 +38,31 @@ class Runtime:
         mixed_precision: str = "no",
         cpu: bool = False,
         timeout_s: float = 300.0,
+        fsdp: Any = None,
         **accelerator_options: Any,
     ) -> None:
         self.timeout_s = timeout_s
+        self.fsdp = fsdp
         self.seed = seed
         self.mixed_precision = mixed_precision
         self.cpu = cpu
         self.accelerator_options = accelerator_options
         self._accelerator: Any = None
+        self._swapped: dict[int, Any] = {}  # old parameter id -> its sharded parameter
+        self._deepspeed_model: Any = None  # the trained model, prepared with its optimizer
+
+    @property
+    def fsdp(self) -> Any:
+        """The FSDP options (:class:`hookengine.scale.fsdp.FsdpOptions`) or ``None``."""
+        return self._fsdp
+
+    @fsdp.setter
+    def fsdp(self, value: Any) -> None:
+        if value is not None and value is not False:
+            from ..scale.fsdp import fsdp_options
+
+            value = fsdp_options(value)
+        self._fsdp = value or None
 
     @property
     def accelerator(self) -> Any:
@@ -75,6 +97,10 @@ class Runtime:
         self.process_index = acc.process_index
         self.is_main_process = acc.is_main_process
         self.distributed = self.num_processes > 1
+        self.sharded = self._fsdp is not None and self.distributed
+        self.deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
+        if self.deepspeed and self._fsdp is not None:
+            raise ValueError("runtime.fsdp cannot be combined with DeepSpeed (accelerate's config): choose one")
         self.wraps_optimizer = (
             getattr(acc, "scaler", None) is not None
             or acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
@@ -99,13 +125,42 @@ class Runtime:
     def prepare_model(self, model: Any) -> Any:
         """Move ``model`` to the device and wrap it for DDP/FSDP when distributed."""
         acc = self.accelerator
+        if self.sharded:
+            from ..scale.fsdp import shard_model
+
+            self._swapped.update(shard_model(model, self._fsdp, acc.device))
+            return model
+        if self.deepspeed:
+            # accelerate builds DeepSpeed's engine from the model and its optimizer together:
+            # the model waits for prepare_optimizer (and forwards as itself meanwhile).
+            if self._deepspeed_model is not None and self._deepspeed_model is not model:
+                raise ValueError("DeepSpeed (accelerate's config) trains one model per run; this recipe trains several")
+            self._deepspeed_model = model
+            return model.to(acc.device)
         if self.distributed or self.wraps_optimizer:
             return acc.prepare_model(model)
         return model.to(acc.device)
 
     def prepare_optimizer(self, optimizer: Any) -> Any:
+        if self._swapped:  # built before its models were sharded
+            from ..scale.fsdp import swap_parameters
+
+            swap_parameters(getattr(optimizer, "optimizer", optimizer), self._swapped)
+        if self.deepspeed:
+            return self._prepare_deepspeed(optimizer)
         if self.wraps_optimizer:
             return self.accelerator.prepare_optimizer(optimizer)
+        return optimizer
+
+    def _prepare_deepspeed(self, optimizer: Any) -> Any:
+        acc = self.accelerator
+        if self._deepspeed_model is None:
+            raise ValueError("DeepSpeed (accelerate's config): no trained model was prepared before its optimizer")
+        config = acc.state.deepspeed_plugin.deepspeed_config
+        if config.get("train_micro_batch_size_per_gpu") == "auto":
+            # accelerate reads it from a prepared data loader; hookengine's loaders are its own.
+            config["train_micro_batch_size_per_gpu"] = 1
+        _engine, optimizer = acc.prepare(self._deepspeed_model, optimizer)
         return optimizer
 
     def backward(self, loss: Any) -> None:
@@ -136,11 +191,14 @@ class Runtime:
 
     @contextlib.contextmanager
     def no_sync(self, models: list[Any]) -> Iterator[None]:
-        """Skip DDP's gradient all-reduce (for micro-steps inside an accumulation)."""
+        """Skip DDP's gradient all-reduce / FSDP's reduce-scatter (micro-steps inside an accumulation)."""
         with contextlib.ExitStack() as stack:
             for model in models:
                 if hasattr(model, "no_sync"):
                     stack.enter_context(model.no_sync())
+                elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+                    model.set_requires_gradient_sync(False)
+                    stack.callback(model.set_requires_gradient_sync, True)
             yield
 
     def unwrap(self, model: Any) -> Any:

@@ -59,7 +59,8 @@ def all_finite(tensors: Iterator[Any]) -> bool:
     """Whether every element of every tensor is finite (one host read for all of them)."""
     import torch
 
-    flags = [torch.isfinite(t.detach()).all() for t in tensors]
+    # A sharded (FSDP) tensor is checked on this process's shard; the caller agrees over ranks.
+    flags = [torch.isfinite((t.to_local() if hasattr(t, "to_local") else t).detach()).all() for t in tensors]
     if not flags:
         return True
     by_device: dict[Any, list[Any]] = {}
