@@ -5,8 +5,9 @@
 # latents) against the diffusers example loop: steps/s, the encoders' share of a step and
 # peak memory, without and with the latent cache, then with bf16 autocast, gradient
 # checkpointing, block swap and torch.compile. Figures go to gpu_figures.txt (or
-# $OUT/gpu_figures.txt). Each section gets what is left of the 8 minutes at most; a section
-# that would not fit is skipped and says so.
+# $OUT/gpu_figures.txt). A tiny DeepSpeed ZeRO-2 run (only when deepspeed is installed) checks
+# the accelerate-config path of docs/DISTRIBUTED.md. Each section gets what is left of the
+# 8 minutes at most; a section that would not fit is skipped and says so.
 #
 #   scripts/gpu_check.sh             # on the GPU machine
 #   scripts/gpu_check.sh --dry-run   # anywhere: the CPU parts, tiny sizes (checks the script)
@@ -57,6 +58,39 @@ fi
     echo "## GPU tests"; echo "skipped (dry run)"
   else
     section "GPU tests (pytest -m gpu)" 100 15 "$PY" -m pytest -q -m gpu tests
+  fi
+  # DeepSpeed ZeRO-2 set by accelerate's launcher (docs/DISTRIBUTED.md): 20 steps of the digits
+  # demo on one GPU; the loss must fall. deepspeed is not a dependency: no package, no step.
+  echo "## DeepSpeed ZeRO-2 through accelerate (digits demo, 20 steps)"
+  if [ "$DRY" = 1 ]; then
+    echo "skipped (dry run)"
+  elif ! have deepspeed; then
+    echo "NOT RUN: deepspeed is not installed (pip install deepspeed)"
+  elif ! "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+    echo "NOT RUN: no CUDA device"
+  else
+    cat > "$WORK/zero2.yaml" <<EOF
+name: zero2
+seed: 1
+run_dir: $WORK/zero2
+plugins:
+  digits: {use: digits, batch_size: 32}
+  classifier: {use: supervised, model: "hookengine.demo.digits:DigitsConvNet", model_options: {dropout: 0.0}}
+trainer: {max_steps: 20, lr: 0.003, optimizer: AdamW}
+checkpoint: {save_at_end: false}
+logging: {every: 2}
+progress: {enabled: false}
+EOF
+    section "DeepSpeed ZeRO-2 run" 150 6 "$PY" -m accelerate.commands.launch --use_deepspeed --zero_stage 2 \
+      --num_processes 1 --mixed_precision no -m hookengine run "$WORK/zero2.yaml"
+    "$PY" - "$WORK/zero2/metrics.jsonl" <<'EOF'
+import json, sys
+try:
+    losses = [r["loss"] for r in map(json.loads, open(sys.argv[1])) if "loss" in r]
+    print(f"losses: first logged {losses[0]:.4f}, last {losses[-1]:.4f}:", "FELL" if losses[-1] < losses[0] else "DID NOT FALL")
+except (OSError, IndexError, ValueError) as exc:
+    print(f"no losses to compare ({exc})")
+EOF
   fi
   section "sync-debug check: steady-state steps under torch.cuda.set_sync_debug_mode('error')" 60 3 \
     "$PY" scripts/sync_check.py --warmup 3 --steps 5
