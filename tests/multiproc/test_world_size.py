@@ -142,3 +142,17 @@ def test_a_global_batch_that_does_not_split_is_refused_naming_the_numbers() -> N
     assert refuse == []
     refuse, _ = compare_signatures(_signature(2, 16, 32), _signature(1, 16, 16, accumulation=2), clock)
     assert refuse and "gradient accumulation" in refuse[0]
+
+
+def test_the_same_world_with_another_batch_size_is_still_a_recipe_change() -> None:
+    clock = {"step": 5, "phase_index": 0}
+    refuse, _ = compare_signatures(_signature(2, 16, 32), _signature(2, 32, 64), clock)
+    assert refuse and "global batch 32 → 64" in refuse[0]
+    # a run that continued a 2-process plan on 1 process may change its micro-batch on 1 process
+    refuse, handled = compare_signatures(_signature(1, 16, 32, micro=2, accumulation=2), _signature(1, 32, 32), clock)
+    assert refuse == [] and "1 process x 16 → 1 process x 32" in handled[0]
+    ids = np.zeros(64, dtype=np.int64)
+    saved = BucketBatchSampler(ids, 8, num_replicas=2, rank=0).state_dict()
+    same_world = BucketBatchSampler(ids, 16, num_replicas=2, rank=0)
+    same_world.load_state_dict(saved)  # shape_check=warn let it through: planned anew
+    assert (same_world.global_batch, same_world.batch_size) == (32, 16)

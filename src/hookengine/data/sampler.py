@@ -234,7 +234,8 @@ class BucketBatchSampler:
     the epoch, the start, the carried samples, a fingerprint of the buckets and the
     global batch the epochs are planned in (``plan_batch_size x plan_replicas``).
 
-    Loading a state planned for another world (:meth:`load_state_dict`) keeps that plan:
+    Loading a state saved by another world (:meth:`load_state_dict`), or by a run that
+    continued another world's plan, keeps that plan:
     ``batch_size`` becomes the micro-batch this rank yields and ``micro_steps`` the
     micro-batches per global batch; ``resumed_micro_steps`` is the saved run's.
     """
@@ -401,6 +402,7 @@ class BucketBatchSampler:
             "seed": self.seed,
             "carry": self._carry_in(self.epoch).tolist(),
             "fingerprint": self.fingerprint(),
+            "num_replicas": self.num_replicas,
             "plan_batch_size": self.plan_batch_size,
             "plan_replicas": self.plan_replicas,
             "micro_steps": self.micro_steps,
@@ -410,7 +412,12 @@ class BucketBatchSampler:
         """Continue a saved state; one planned for another world keeps its global batch."""
         plan = (int(state.get("plan_batch_size", self.plan_batch_size)), int(state.get("plan_replicas", self.plan_replicas)))
         saved_micro = int(state.get("micro_steps", 1))
-        if plan != (self.plan_batch_size, self.plan_replicas):
+        saved_world = int(state.get("num_replicas", plan[1]))
+        # Another world, or a run that already continued another world's plan: keep the saved
+        # plan. The same world with another batch size is a recipe change (refused on resume,
+        # or with shape_check=warn planned anew).
+        adapted = plan[1] != saved_world or saved_micro != 1
+        if plan != (self.plan_batch_size, self.plan_replicas) and (saved_world != self.num_replicas or adapted):
             try:
                 self.replan(*plan)
             except WorldSizeError as exc:  # the resume's shape check let it through (shape_check=warn)

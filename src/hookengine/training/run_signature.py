@@ -12,6 +12,8 @@ sampler keeps the saved global batch and each process takes its share as micro-b
 with the gradient accumulation multiplied to match (:func:`adapt_to_resumed_world`), e.g.
 2 processes x 16 continue as 1 x 16 with accumulation x2, and 1 x 32 as 2 x 16. A global
 batch that does not split evenly over the new processes is refused, naming the counts that fit.
+On the same number of processes another batch size is a change of recipe (refused, as
+another global batch), unless the checkpoint's run had itself continued another world's.
 
 The values come from ``state.plan`` and the loaders in ``state.dataloaders`` (their
 ``batch_size``, or their batch sampler's), never from another plugin.
@@ -91,7 +93,9 @@ def compare_signatures(saved: Any, current: Mapping[str, Any], clock: Mapping[st
         new_accumulation = _per_global(new["accumulation"], new.get("micro_steps", 1))
         if old_accumulation != new_accumulation:
             refuse.append(f"gradient accumulation of {where}: {old_accumulation} → {new_accumulation}")
-        if new.get("replan") and old.get("global_batch") is not None:
+        if new.get("replan") and old.get("global_batch") is not None and (
+            saved.get("num_processes") != current["num_processes"] or _adapted(old, saved.get("num_processes"))
+        ):
             refuse_batch, handled_batch = _replanned(old, new, saved.get("num_processes"), current["num_processes"],
                                                      where)
         else:
@@ -100,6 +104,11 @@ def compare_signatures(saved: Any, current: Mapping[str, Any], clock: Mapping[st
         refuse += refuse_batch
         handled += handled_batch
     return refuse, handled
+
+
+def _adapted(old: Mapping[str, Any], procs: Any) -> bool:
+    """Whether the saved run itself continued another world's global batch."""
+    return old.get("micro_steps", 1) != 1 or old.get("global_batch") != (old.get("batch_size") or 0) * (procs or 0)
 
 
 def _per_global(accumulation: Any, micro_steps: Any) -> Any:
