@@ -9,6 +9,7 @@ for i in $(seq 1 "$runs"); do
   if .venv/bin/python -m pytest -q -p no:cacheprovider -m "multiprocess or threads" \
        --deselect tests/multiproc/test_ddp.py::test_a_dying_rank_stops_the_others_in_bounded_time \
        --deselect tests/multiproc/test_ddp.py::test_resume_under_two_processes_and_with_a_different_count \
+       --deselect tests/multiproc/test_world_size.py::test_resume_two_to_one_to_two_processes_sees_every_sample_once \
        tests > "${TMPDIR:-/tmp}/flaky_$i.log" 2>&1; then
     passed=$((passed + 1)); echo "run $i: $(tail -1 "${TMPDIR:-/tmp}/flaky_$i.log")"
   else
