@@ -77,9 +77,12 @@ def test_fsdp_equals_ddp_and_is_sharded(runs: Path, lora: bool) -> None:
         close(w_fsdp, w_ddp, rtol=1e-4, atol=1e-6)
     first, last = result(runs, fsdp)[1]["losses"][1], result(runs, fsdp)[1]["losses"][STEPS]
     assert last < first  # it trained
-    if lora:  # only the adapters trained: B starts at zero and moved
+    if lora:  # only the adapters trained: B starts at zero and moved; the shards hold only them
         weights = result(runs, fsdp)[0]
         assert any(weights[k].abs().sum() > 0 for k in weights if "lora_B" in k)
+        final = runs / fsdp / "checkpoints" / f"step-{STEPS:08d}"
+        saved = json.loads((final / "state.json").read_text())["sharded"]["models"]["model"]["tensors"]
+        assert saved and all("lora_" in k for k in saved), saved
 
 
 def test_sharded_checkpoint_has_shards_of_both_ranks_and_no_pickle(runs: Path) -> None:
