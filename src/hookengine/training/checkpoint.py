@@ -61,7 +61,8 @@ class Checkpointing:
         save_at_end: write a final checkpoint when the run ends normally.
         background: write files on a background thread; training goes on meanwhile.
             The state is copied first (a snapshot), the next save waits for the previous
-            write, and the run waits for the last one before it ends.
+            write, and the run waits for the last one before it ends. Sharded checkpoints
+            (``runtime.fsdp``: every process writes its shards) are written in the foreground.
         lock: lock the run folder (``RUN_DIR/run.lock``, or ``folder`` when the run has no
             run folder) for the run's duration, so two runs never write into one folder.
         shape_check: what a resume does when the run's shape changed in a way that is not
