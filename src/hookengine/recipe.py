@@ -174,7 +174,7 @@ class RuntimeSection(BaseModel):
     mixed_precision: Literal["no", "fp16", "bf16", "fp8"] = "no"
     cpu: bool = False
     timeout_s: float = 300.0
-    fsdp: dict[str, Any] | bool | None = None  # checked by hookengine.scale.fsdp.FsdpOptions
+    fsdp: dict[str, Any] | bool | None = None  # checked by hookengine.core.fsdp.FsdpOptions
 
 
 class Recipe(BaseModel):

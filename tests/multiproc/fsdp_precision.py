@@ -10,7 +10,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from hookengine.scale.fsdp import fsdp_options, shard_model
+from hookengine.core.fsdp import fsdp_options, shard_model
 
 
 def main(precision: str) -> None:

@@ -2,7 +2,7 @@
 
 accelerate does devices, mixed precision, DDP and DeepSpeed (FSDP when set in accelerate's
 config); ``fsdp=`` (``runtime.fsdp`` in a recipe) shards with FSDP2 directly
-(:mod:`hookengine.scale.fsdp`, docs/DISTRIBUTED.md). Its wrappers also cost
+(:mod:`hookengine.core.fsdp`, docs/DISTRIBUTED.md). Its wrappers also cost
 about 200 µs per step on a small model (bench/step_overhead.py), so the optimizer is wrapped and
 ``accelerator.backward`` is used only when they do something (a gradient scaler,
 DeepSpeed, FSDP); plain single-device fp32/bf16 training calls torch directly.
@@ -27,7 +27,7 @@ class Runtime:
         cpu: force the CPU even when a GPU is there.
         timeout_s: how long a collective may wait for the other ranks before failing.
         fsdp: shard models with FSDP2 (``fully_shard``) when several processes run: a mapping
-            of :class:`hookengine.scale.fsdp.FsdpOptions` or ``True``; checkpoints are then
+            of :class:`hookengine.core.fsdp.FsdpOptions` or ``True``; checkpoints are then
             sharded (``torch.distributed.checkpoint``) and resume on any number of processes.
         accelerator_options: more keyword arguments for ``accelerate.Accelerator``.
     """
@@ -53,13 +53,13 @@ class Runtime:
 
     @property
     def fsdp(self) -> Any:
-        """The FSDP options (:class:`hookengine.scale.fsdp.FsdpOptions`) or ``None``."""
+        """The FSDP options (:class:`hookengine.core.fsdp.FsdpOptions`) or ``None``."""
         return self._fsdp
 
     @fsdp.setter
     def fsdp(self, value: Any) -> None:
         if value is not None and value is not False:
-            from ..scale.fsdp import fsdp_options
+            from .fsdp import fsdp_options
 
             value = fsdp_options(value)
         self._fsdp = value or None
@@ -126,7 +126,7 @@ class Runtime:
         """Move ``model`` to the device and wrap it for DDP/FSDP when distributed."""
         acc = self.accelerator
         if self.sharded:
-            from ..scale.fsdp import shard_model
+            from .fsdp import shard_model
 
             self._swapped.update(shard_model(model, self._fsdp, acc.device))
             return model
@@ -143,7 +143,7 @@ class Runtime:
 
     def prepare_optimizer(self, optimizer: Any) -> Any:
         if self._swapped:  # built before its models were sharded
-            from ..scale.fsdp import swap_parameters
+            from .fsdp import swap_parameters
 
             swap_parameters(getattr(optimizer, "optimizer", optimizer), self._swapped)
         if self.deepspeed:

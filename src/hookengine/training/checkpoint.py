@@ -185,7 +185,7 @@ class Checkpointing:
     def _save_shards(self, tree: dict[str, Any], target: Path, step: int) -> tuple[dict[str, Any], Path]:
         """Every process writes its model/optimizer shards into the main process's staging folder
         (scale/fsdp_checkpoint.py); returns the tree without them and that folder."""
-        from ..scale.fsdp_checkpoint import FOLDER, save_shards, split_tree
+        from .checkpoint_shards import FOLDER, save_shards, split_tree
 
         self.wait()  # a background write of a plain checkpoint still going
         runtime = self.engine.runtime
@@ -256,7 +256,7 @@ class Checkpointing:
         self._check_shape(path, tree)
         try:
             if "sharded" in tree:  # written by an FSDP run: read on any number of processes
-                from ..scale.fsdp_checkpoint import restore_tree
+                from .checkpoint_shards import restore_tree
 
                 tree = restore_tree(tree, self.engine.state, path)
             self.engine.load_state_dict(tree)
