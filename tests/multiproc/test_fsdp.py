@@ -15,7 +15,8 @@ from .test_ddp import assert_ok, recipe, single, torchrun
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 DUMP = "tests.multiproc.fsdp_plugins:FullDump"
-LORA = {"use": "lora_sched", "model": "model", "adapters": {"a": {"rank": 4, "alpha": 8, "targets": ["6", "9"]}}}
+LORA = {"use": "lora_sched", "model": "model", "adapters": {"a": {"rank": 4, "alpha": 8, "targets": ["6", "9"]}},
+        "save": ["peft"]}
 STEPS, HALF = 12, 6
 
 
@@ -83,6 +84,14 @@ def test_fsdp_equals_ddp_and_is_sharded(runs: Path, lora: bool) -> None:
         final = runs / fsdp / "checkpoints" / f"step-{STEPS:08d}"
         saved = json.loads((final / "state.json").read_text())["sharded"]["models"]["model"]["tensors"]
         assert saved and all("lora_" in k for k in saved), saved
+
+
+def test_lora_files_of_an_fsdp_run_hold_the_full_adapter(runs: Path) -> None:
+    """Each process holds a shard; the adapter written at the end is the whole one (DDP's)."""
+    files = {name: load_file(str(runs / name / "lora" / "a" / "peft" / "model" / "adapter_model.safetensors"))
+             for name in ("lora_ddp", "lora_fsdp")}
+    assert files["lora_fsdp"] and all("lora_" in k for k in files["lora_fsdp"])
+    close(files["lora_fsdp"], files["lora_ddp"], rtol=1e-4, atol=1e-6)
 
 
 def test_sharded_checkpoint_has_shards_of_both_ranks_and_no_pickle(runs: Path) -> None:

@@ -14,7 +14,7 @@ checkpoint format stays the sharded one, so runs of any size resume each other.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict
 
@@ -70,6 +70,15 @@ def is_sharded(model: Any) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
+
+
+def full_tensors(tensors: Mapping[str, Any]) -> dict[str, Any]:
+    """``tensors`` with every sharded ``DTensor`` gathered whole (other tensors as they are).
+
+    A collective per sharded tensor: every process must call it with the same keys in the
+    same order (files are then written by the main process alone).
+    """
+    return {key: value.full_tensor() if hasattr(value, "full_tensor") else value for key, value in tensors.items()}
 
 
 def _policy(options: FsdpOptions) -> Any:

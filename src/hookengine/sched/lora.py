@@ -27,12 +27,14 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
+from ..core.fsdp import full_tensors
 from ..core.plugins import closest
 from .lora_files import save_lora
 from .lora_ops import (  # tuner_layers is also imported from here by sched/model.py
     AdapterSpec,
     _config_class,
     activate_adapters,
+    adapter_state_dict,
     add_adapter,
     match_targets,
     merge_adapters,
@@ -251,11 +253,18 @@ class LoraScheduler:
         return {m: self.engine.runtime.unwrap(models[m]) for m in self._models_with(name)}
 
     def _save(self, state: Any) -> None:
-        if not self.formats or not state.is_main_process:
+        if not self.formats:
             return
+        sharded = self.engine.runtime.sharded
         root = Path(self.save_dir) if self.save_dir else Path(state.run_dir or "runs/default") / "lora"
         for name in self.added:
-            save_lora(self._component_models(name), name, root / name, self.formats, self.kohya_prefixes)
+            models = self._component_models(name)
+            weights = None
+            if sharded:  # runtime.fsdp: each process holds a shard; all gather, the main process writes
+                weights = {c: full_tensors(adapter_state_dict(m, name)) for c, m in models.items()
+                           if name in getattr(m, "peft_config", {})}
+            if state.is_main_process:
+                save_lora(models, name, root / name, self.formats, self.kohya_prefixes, weights=weights)
 
     def _merge(self, state: Any) -> None:
         if not self.merge_at_end:

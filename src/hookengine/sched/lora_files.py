@@ -189,6 +189,7 @@ def save_lora(
     folder: str | Path,
     formats: Sequence[str] = ("peft", "diffusers", "kohya"),
     kohya_prefixes: Mapping[str, str] | None = None,
+    weights: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Path]:
     """Write adapter ``adapter`` of ``models`` (``{component: model}``) into ``folder``.
 
@@ -200,6 +201,9 @@ def save_lora(
     - ``kohya``: ``folder/<adapter>_kohya.safetensors`` with ``lora_unet_`` / ``lora_te_``
       keys (``kohya_prefixes`` names other components).
 
+    ``weights`` (``{component: adapter_state_dict(model, adapter)}``) gives the tensors to
+    write when the models do not hold them whole (sharded models: gathered by the caller).
+
     Returns ``{format: path}``.
     """
     folder = Path(folder)
@@ -207,14 +211,15 @@ def save_lora(
     parts = {c: m for c, m in models.items() if adapter in getattr(_groups.unwrap(m), "peft_config", {})}
     if not parts:
         raise ValueError(f"no model has an adapter named {adapter!r}")
+    weights = {c: (weights or {}).get(c) or adapter_state_dict(m, adapter) for c, m in parts.items()}
     written: dict[str, Path] = {}
     for fmt in formats:
         if fmt == "peft":
-            written[fmt] = _save_peft(parts, adapter, folder / "peft")
+            written[fmt] = _save_peft(parts, weights, adapter, folder / "peft")
         elif fmt == "diffusers":
-            written[fmt] = _save_diffusers(parts, adapter, folder / DIFFUSERS_WEIGHT_NAME)
+            written[fmt] = _save_diffusers(parts, weights, adapter, folder / DIFFUSERS_WEIGHT_NAME)
         elif fmt == "kohya":
-            written[fmt] = _save_kohya(parts, adapter, folder / f"{adapter}_kohya.safetensors", prefixes)
+            written[fmt] = _save_kohya(parts, weights, adapter, folder / f"{adapter}_kohya.safetensors", prefixes)
         else:
             raise ValueError(f"unknown LoRA file format {fmt!r}{closest(fmt, ['peft', 'diffusers', 'kohya'])}")
     return written
@@ -273,7 +278,7 @@ def copy_tokenizer(source: str | Path | None, target: Path) -> bool:
     return True
 
 
-def _save_peft(parts: Mapping[str, Any], adapter: str, folder: Path) -> Path:
+def _save_peft(parts: Mapping[str, Any], weights: Mapping[str, Mapping[str, Any]], adapter: str, folder: Path) -> Path:
     for component, model in parts.items():
         target = folder / component
         target.mkdir(parents=True, exist_ok=True)
@@ -286,18 +291,17 @@ def _save_peft(parts: Mapping[str, Any], adapter: str, folder: Path) -> Path:
             config["base_model_name_or_path"] = base
         if not config.get("task_type"):
             config["task_type"] = task_type_of(model)
-        weights = {_PEFT_PREFIX + k: v for k, v in adapter_state_dict(model, adapter).items()}
-        _save_safetensors(weights, target / PEFT_WEIGHT_NAME)
+        _save_safetensors({_PEFT_PREFIX + k: v for k, v in weights[component].items()}, target / PEFT_WEIGHT_NAME)
         (target / PEFT_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
         if type(_groups.unwrap(model)).__module__.startswith("transformers"):
             copy_tokenizer(base, target)
     return folder
 
 
-def _save_diffusers(parts: Mapping[str, Any], adapter: str, path: Path) -> Path:
+def _save_diffusers(parts: Mapping[str, Any], weights: Mapping[str, Mapping[str, Any]], adapter: str, path: Path) -> Path:
     tensors, metadata = {}, {}
     for component, model in parts.items():
-        tensors.update({f"{component}.{k}": v for k, v in adapter_state_dict(model, adapter).items()})
+        tensors.update({f"{component}.{k}": v for k, v in weights[component].items()})
         config = _json_safe(_groups.unwrap(model).peft_config[adapter])
         # Without it diffusers assumes alpha = r and a reloaded adapter is silently wrong (docs/TRAPS.md).
         metadata.update({f"{component}.{k}": v for k, v in config.items()})
@@ -305,7 +309,10 @@ def _save_diffusers(parts: Mapping[str, Any], adapter: str, path: Path) -> Path:
     return path
 
 
-def _save_kohya(parts: Mapping[str, Any], adapter: str, path: Path, prefixes: Mapping[str, str]) -> Path:
+def _save_kohya(
+    parts: Mapping[str, Any], weights: Mapping[str, Mapping[str, Any]], adapter: str, path: Path,
+    prefixes: Mapping[str, str],
+) -> Path:
     tensors: dict[str, Any] = {}
     dims, alphas_seen = set(), set()
     for component, model in parts.items():
@@ -313,7 +320,7 @@ def _save_kohya(parts: Mapping[str, Any], adapter: str, path: Path, prefixes: Ma
         names = kohya_module_names(model)
         alphas = {names[m]: a for m, a in kohya_alphas(model, adapter).items()}
         sd = {}
-        for key, tensor in adapter_state_dict(model, adapter).items():
+        for key, tensor in weights[component].items():
             module, part = _split_peft_key(key)
             sd[f"{names[module]}.{part}"] = tensor
         tensors.update(to_kohya(sd, prefix, alphas))
