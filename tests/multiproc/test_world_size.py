@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -19,7 +16,8 @@ from safetensors.torch import load_file
 from hookengine.data.sampler import BucketBatchSampler, WorldSizeError, fit_world
 from hookengine.training.run_signature import compare_signatures
 
-ROOT = Path(__file__).resolve().parents[2]
+from .test_ddp import assert_ok, single, torchrun
+
 
 
 def recipe(tmp: Path, name: str, batch: int, steps: int) -> Path:
@@ -44,17 +42,8 @@ def recipe(tmp: Path, name: str, batch: int, steps: int) -> Path:
 
 
 def launch(path: Path, *args: str, nproc: int = 1) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "hookengine", "run", str(path), *args]
-    else:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--rdzv-backend",
-               "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "-m", "hookengine", "run", str(path), *args]
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = single(path, *args) if nproc == 1 else torchrun(path, *args, nproc=nproc)
+    assert_ok(result)
     return result
 
 
